@@ -1,0 +1,171 @@
+"""``fusellm`` command line: run a whole recipe or one stage of it.
+
+    fusellm run RECIPE [--stages corpus,extract] [--force] [key=value ...]
+    fusellm <stage> RECIPE [--force] [key=value ...]
+    fusellm show RECIPE [key=value ...]     print the resolved, validated recipe
+    fusellm verify RUN_DIR                  re-hash every recorded file of every stage
+
+Exit codes: 0 done, 1 unexpected failure, 2 bad recipe/input/inputs changed,
+3 a requested stage is not built yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from fusellm.stages import NOT_BUILT_EXIT, STAGES, StageNotBuilt
+
+EPILOG = (
+    "Overrides are dotted keys, e.g. run_dir=/scratch/run1 corpus.block_size=512 sources=[a,b]."
+)
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides of recipe keys"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="recompute even if outputs exist or inputs changed"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusellm",
+        description="Knowledge fusion of heterogeneous LLMs (FuseLLM): "
+        + " -> ".join(STAGES)
+        + ". Each stage writes run_dir/<stage>/ with a manifest; complete stages are skipped.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "run",
+        help="run the recipe's stages in order",
+        epilog=EPILOG,
+        description="Run every stage the recipe configures, in pipeline order.",
+    )
+    _add_recipe_args(p)
+    p.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
+
+    for st in STAGES.values():
+        status = "" if st.built else f"  [not built yet: issue #{st.issue}]"
+        sp = sub.add_parser(
+            st.name, help=st.help + status, description=st.help + "." + status, epilog=EPILOG
+        )
+        _add_recipe_args(sp)
+
+    p = sub.add_parser(
+        "show",
+        help="print the resolved and validated recipe as YAML",
+        description="Load RECIPE with overrides and ${...} resolved; print it.",
+    )
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+    p = sub.add_parser(
+        "verify",
+        help="re-hash every file recorded in a run's manifests",
+        description="Check every stage manifest under RUN_DIR; list missing or altered files.",
+    )
+    p.add_argument("run_dir")
+    return parser
+
+
+def _run_stages(recipe, names: list[str], force: bool, explicit: bool) -> None:
+    log = logging.getLogger("fusellm")
+    for name in names:
+        st = STAGES[name]
+        if getattr(recipe, name) is None:
+            if explicit:
+                raise ValueError(f"stage '{name}' has no '{name}:' section in the recipe")
+            log.info(
+                "== stage %s: not configured in the recipe (no '%s:' section), skipped", name, name
+            )
+            continue
+        if not st.built:
+            raise StageNotBuilt(st)
+        log.info("== stage %s", name)
+        st.load()(recipe, force=force)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from fusellm.corpus.readers import CorpusInputError
+    from fusellm.manifest import CorruptArtifact, StageInputsChanged
+    from fusellm.models import ModelLoadError
+    from fusellm.recipe import RecipeError
+
+    try:
+        if args.command == "verify":
+            return _verify(Path(args.run_dir))
+        from fusellm.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.command == "show":
+            import yaml
+
+            print(
+                yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True),
+                end="",
+            )
+            return 0
+        if args.command == "run":
+            names = list(STAGES)
+            explicit = bool(args.stages)
+            if args.stages:
+                names = [s.strip() for s in args.stages.split(",") if s.strip()]
+                unknown = [s for s in names if s not in STAGES]
+                if unknown:
+                    raise RecipeError(
+                        f"--stages: unknown stage(s) {unknown}; known: {list(STAGES)}"
+                    )
+                names = [s for s in STAGES if s in names]  # pipeline order
+            _run_stages(recipe, names, args.force, explicit)
+        else:
+            _run_stages(recipe, [args.command], args.force, True)
+        return 0
+    except StageNotBuilt as e:
+        print(f"fusellm: {e}", file=sys.stderr)
+        return NOT_BUILT_EXIT
+    except (
+        RecipeError,
+        CorpusInputError,
+        ModelLoadError,
+        StageInputsChanged,
+        CorruptArtifact,
+        ValueError,
+    ) as e:
+        print(f"fusellm: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _verify(run_dir: Path) -> int:
+    from fusellm.manifest import MANIFEST, verify_files
+
+    manifests = sorted(run_dir.glob(f"*/{MANIFEST}"))
+    if not manifests:
+        print(f"fusellm: error: no stage manifests under {run_dir}", file=sys.stderr)
+        return 2
+    bad = []
+    for m in manifests:
+        problems = verify_files(m.parent)
+        bad += problems
+        print(f"{m.parent.name}: {'OK' if not problems else f'{len(problems)} bad file(s)'}")
+    for b in bad:
+        print(b)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""``fusellm corpus``: read inputs, split by document id, cut to fit every model's block.
+
+Writes ``run_dir/corpus/{train,valid,test}.jsonl`` (one chunk per line:
+``{"id", "parent", "domain", "text"}``) and ``manifest.json`` with per-split counts,
+skip counts per reason, and sha256 of every file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+
+from tqdm.auto import tqdm
+
+from fusellm.corpus.builtin import builtin_identity, read_builtin
+from fusellm.corpus.core import SPLITS, Fitter, cut_spans, split_of
+from fusellm.corpus.readers import CorpusInputError, Problems, input_files, read_input
+from fusellm.manifest import StageDir
+from fusellm.models import load_tokenizer, special_token_overhead, tokenizer_fingerprint
+from fusellm.recipe import Recipe
+from fusellm.storage import atomic_open, sha256_tree
+from fusellm.tracking import start_run
+
+log = logging.getLogger(__name__)
+STAGE = "corpus"
+
+
+def split_file(split: str) -> str:
+    return f"{split}.jsonl"
+
+
+def _input_identity(recipe: Recipe) -> dict[str, str]:
+    ids = {}
+    for i, inp in enumerate(recipe.corpus.inputs):
+        if inp.builtin:
+            ids[f"inputs.{i}"] = f"builtin:{inp.builtin}:{builtin_identity(inp.builtin)}"
+        else:
+            ids[f"inputs.{i}"] = ",".join(
+                f"{p.name}={sha256_tree(p)[:16]}" for p in input_files(inp)
+            )
+    return ids
+
+
+def _fitter(name: str, tok) -> Fitter:
+    def spans(text: str):
+        return tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+
+    return Fitter(name, spans, special_token_overhead(tok))
+
+
+def run(recipe: Recipe, force: bool = False) -> dict | None:
+    """Run the corpus stage; returns the manifest, or None when it was already complete."""
+    cfg = recipe.corpus
+    if cfg is None:
+        raise ValueError("the recipe has no 'corpus:' section")
+    fit = cfg.fit_models or recipe.all_models
+    toks = {name: load_tokenizer(recipe.models[name], name) for name in fit}
+    fingerprint = {
+        "config": cfg.model_dump(mode="json"),
+        "inputs": _input_identity(recipe),
+        "tokenizers": {n: tokenizer_fingerprint(t) for n, t in toks.items()},
+    }
+    sd = StageDir(STAGE, recipe.stage_dir(STAGE), fingerprint)
+    if not sd.prepare(force):
+        log.info("corpus: complete and unchanged at %s (skipped)", sd.path)
+        return None
+    fitters = [_fitter(n, t) for n, t in toks.items()]
+    problems = Problems(cfg.on_error)
+    stats = {s: Counter(documents=0, chunks=0, chars=0) for s in SPLITS}
+    seen: dict[str, str] = {}
+    with start_run(recipe, STAGE, fingerprint) as tracker:
+        with (
+            atomic_open(sd.path / split_file("train"), "w") as f_train,
+            atomic_open(sd.path / split_file("valid"), "w") as f_valid,
+            atomic_open(sd.path / split_file("test"), "w") as f_test,
+        ):
+            out = {"train": f_train, "valid": f_valid, "test": f_test}
+            bar = tqdm(desc="corpus", unit="doc")
+            for inp in cfg.inputs:
+                docs = (
+                    read_builtin(inp.builtin)
+                    if inp.builtin
+                    else read_input(inp, problems, cfg.min_chars)
+                )
+                for n, doc in enumerate(docs, 1):
+                    if inp.builtin and inp.max_docs is not None and n > inp.max_docs:
+                        break
+                    if doc.id in seen:
+                        problems.report(
+                            "duplicate_id",
+                            doc.origin,
+                            f"id '{doc.id}' already used at {seen[doc.id]}",
+                        )
+                        continue
+                    seen[doc.id] = doc.origin
+                    domain = inp.domain or doc.domain
+                    split = split_of(doc.id, cfg.valid_fraction, cfg.test_fraction, cfg.split_salt)
+                    spans = cut_spans(doc.text, fitters, cfg.block_size)
+                    for i, (a, b) in enumerate(spans):
+                        rec = {
+                            "id": f"{doc.id}#{i}",
+                            "parent": doc.id,
+                            "domain": domain,
+                            "text": doc.text[a:b],
+                        }
+                        out[split].write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    st = stats[split]
+                    st["documents"] += 1
+                    st["chunks"] += len(spans)
+                    st["chars"] += len(doc.text)
+                    st[f"chars/{domain}"] += len(doc.text)
+                    bar.update(1)
+            bar.close()
+        total = sum(stats[s]["documents"] for s in SPLITS)
+        if total == 0:
+            raise CorpusInputError(
+                f"corpus: no documents were read (all inputs empty or skipped: {dict(problems.counts)})"
+            )
+        files = {
+            split_file(s): sd.file_record(split_file(s), rows=stats[s]["chunks"]) for s in SPLITS
+        }
+        summary = {
+            "splits": {s: dict(stats[s]) for s in SPLITS},
+            "skipped": dict(problems.counts),
+            "skip_examples": problems.examples,
+            "block_size": cfg.block_size,
+            "fit_models": fit,
+        }
+        tracker.summary(
+            {f"{s}_{k}": stats[s][k] for s in SPLITS for k in ("documents", "chunks", "chars")}
+            | {f"skipped_{k}": v for k, v in problems.counts.items()}
+        )
+        manifest = sd.finish(files, summary, fingerprint["config"])
+    log.info("corpus: %d documents -> %s", total, {s: stats[s]["chunks"] for s in SPLITS})
+    return manifest

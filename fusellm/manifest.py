@@ -1,0 +1,167 @@
+"""Stage manifests: what a stage read, with which config, and what it wrote.
+
+Layout of ``run_dir/<stage>/``::
+
+    fingerprint.json   written when the stage starts: config hash + input hashes
+    ...outputs...      each written atomically (see fusellm.storage)
+    manifest.json      written last: fingerprint, per-file sha256/rows/bytes, stats,
+                       package versions, and ``"complete": true``
+
+A stage whose manifest is complete and whose fingerprint equals the current one is
+skipped. A stage whose recorded fingerprint differs refuses to run, naming the first
+differing field, unless forced (then its directory is cleared first).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fusellm.recipe import redact
+from fusellm.storage import TMP_MARK, atomic_write_json, read_json, remove_temp_files, sha256_file
+
+MANIFEST = "manifest.json"
+FINGERPRINT = "fingerprint.json"
+_VERSIONED = ("fusellm", "torch", "transformers", "tokenizers", "accelerate", "datasets", "numpy")
+
+
+class StageInputsChanged(RuntimeError):
+    """A stage's inputs or config differ from the ones its existing outputs were made from."""
+
+
+class CorruptArtifact(RuntimeError):
+    """A file whose sha256 differs from the one recorded when it was written."""
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def diff_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON-like trees differ (sorted, at most the leaves)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            p = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old or k not in new:
+                out.append(p)
+            else:
+                out.extend(diff_fields(old[k], new[k], p))
+        return out
+    return [] if old == new else [prefix or "<root>"]
+
+
+@dataclass
+class StageDir:
+    """The output directory of one stage and its resume decisions."""
+
+    stage: str
+    path: Path
+    fingerprint: dict[str, Any]
+    started: float = field(default_factory=time.time)
+
+    def is_complete(self) -> bool:
+        m = self.path / MANIFEST
+        if not m.exists():
+            return False
+        man = read_json(m)
+        return bool(man.get("complete")) and man.get("fingerprint") == self.fingerprint
+
+    def prepare(self, force: bool = False) -> bool:
+        """Get ready to (re)run. Returns False when the stage is complete and can be skipped.
+
+        Raises :class:`StageInputsChanged` when earlier outputs came from other inputs.
+        """
+        old_fp = self._recorded_fingerprint()
+        if old_fp is not None and old_fp != self.fingerprint:
+            # Nothing but bookkeeping there (e.g. the last run failed on bad input that
+            # the user has since fixed): nothing to protect, start afresh.
+            if not force and self._has_work():
+                fields = diff_fields(old_fp, self.fingerprint)
+                shown = ", ".join(fields[:5]) + (" ..." if len(fields) > 5 else "")
+                raise StageInputsChanged(
+                    f"{self.stage}: {self.path} was made from different inputs or config "
+                    f"(differs: {shown}). Pass --force to recompute it, or use another run_dir."
+                )
+            shutil.rmtree(self.path)
+        elif force and self.path.exists():
+            shutil.rmtree(self.path)
+        elif self.is_complete():
+            return False
+        self.path.mkdir(parents=True, exist_ok=True)
+        remove_temp_files(self.path)
+        atomic_write_json(self.path / FINGERPRINT, self.fingerprint)
+        return True
+
+    def _has_work(self) -> bool:
+        bookkeeping = {FINGERPRINT, "metrics.jsonl"}
+        return any(
+            p.is_file() and p.name not in bookkeeping and TMP_MARK not in p.name
+            for p in self.path.rglob("*")
+        )
+
+    def _recorded_fingerprint(self) -> dict | None:
+        for name in (MANIFEST, FINGERPRINT):
+            p = self.path / name
+            if p.exists():
+                rec = read_json(p)
+                return rec.get("fingerprint") if name == MANIFEST else rec
+        return None
+
+    def file_record(self, rel: str, rows: int | None = None, **extra: Any) -> dict[str, Any]:
+        p = self.path / rel
+        rec = {"sha256": sha256_file(p), "bytes": p.stat().st_size, **extra}
+        if rows is not None:
+            rec["rows"] = rows
+        return rec
+
+    def finish(self, files: dict[str, dict], stats: dict[str, Any], config: dict) -> dict:
+        """Write manifest.json last; its ``complete`` flag is the completion marker."""
+        manifest = {
+            "stage": self.stage,
+            "fingerprint": self.fingerprint,
+            "config": redact(config),
+            "files": files,
+            "stats": stats,
+            "versions": package_versions(),
+            "seconds": round(time.time() - self.started, 3),
+            "complete": True,
+        }
+        atomic_write_json(self.path / MANIFEST, manifest)
+        return manifest
+
+
+def verify_files(stage_path: Path) -> list[str]:
+    """Problems with a complete stage's files: missing ones, or sha256 mismatches."""
+    man = read_json(stage_path / MANIFEST)
+    bad = []
+    for rel, rec in sorted(man.get("files", {}).items()):
+        p = stage_path / rel
+        if not p.exists():
+            bad.append(f"{p}: missing (expected sha256 {rec['sha256']})")
+            continue
+        actual = sha256_file(p)
+        if actual != rec["sha256"]:
+            bad.append(f"{p}: sha256 {actual} != expected {rec['sha256']}")
+    return bad
+
+
+def load_manifest(stage_path: Path, stage: str) -> dict:
+    """The complete manifest of an upstream stage, or a clear error telling what to run."""
+    p = stage_path / MANIFEST
+    if not p.exists() or not read_json(p).get("complete"):
+        raise FileNotFoundError(
+            f"{stage}: no complete output at {stage_path}; run `fusellm {stage}` first"
+        )
+    return read_json(p)

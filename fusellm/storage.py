@@ -1,0 +1,93 @@
+"""Crash-safe file writes and content hashes.
+
+Every artifact is written to a temporary name in its final directory, flushed, fsynced
+and renamed: a reader sees either the complete old file or the complete new one, never a
+torn one, and a killed writer leaves only a ``*.tmp-*`` file that the next run removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+TMP_MARK = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temp file beside ``path``; on success fsync + rename onto ``path``.
+
+    On any exception the temp file is removed and ``path`` is untouched. ``OSError``
+    (disk full, permissions) is re-raised with the destination path in the message.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _unlink(tmp)
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _unlink(p: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        p.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(
+        path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+    )
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def remove_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete leftovers of killed writers under ``directory``; returns what was removed."""
+    directory = Path(directory)
+    if not directory.exists():
+        return []
+    gone = [p for p in directory.rglob(f"*{TMP_MARK}*") if p.is_file()]
+    for p in gone:
+        _unlink(p)
+    return gone
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_tree(path: str | os.PathLike) -> str:
+    """Hash of a file, or of every file under a directory (relative names included)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(path)).encode() + b"\0" + sha256_file(p).encode())
+    return h.hexdigest()

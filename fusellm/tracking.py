@@ -1,0 +1,99 @@
+"""Experiment tracking: one W&B run per stage, offline unless an API key is present.
+
+``tracking.mode: auto`` (the default) runs online only when ``WANDB_API_KEY`` is set and
+offline otherwise, so a laptop or CI box without network still gets complete local runs
+under ``run_dir/wandb/`` (``wandb sync`` uploads them later). An explicit ``WANDB_MODE``
+in the environment wins over ``auto``. The config is passed through
+:func:`fusellm.recipe.redact` first and console capture is off, so secret values never
+reach W&B files. Every metric is also appended to ``run_dir/<stage>/metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fusellm.recipe import Recipe, redact
+
+log = logging.getLogger(__name__)
+
+
+def resolve_mode(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class Tracker:
+    """Logs metrics and tables of one stage to W&B (when enabled) and a local jsonl."""
+
+    def __init__(self, recipe: Recipe, stage: str, config: dict[str, Any]):
+        self.stage = stage
+        self.local = Path(recipe.run_dir) / stage / "metrics.jsonl"
+        self.local.parent.mkdir(parents=True, exist_ok=True)
+        self.run = None
+        cfg = recipe.tracking
+        mode = resolve_mode(cfg.mode)
+        if cfg.backend == "wandb" and mode != "disabled":
+            import wandb
+
+            wandb_dir = Path(recipe.run_dir)
+            wandb_dir.mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity,
+                group=recipe.name,
+                job_type=stage,
+                name=f"{recipe.name}/{stage}",
+                tags=list(cfg.tags),
+                dir=str(wandb_dir),
+                mode=mode,
+                config=redact({"stage": stage, **config}),
+                reinit="create_new",
+                settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+            )
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        rec = {
+            "time": round(time.time(), 3),
+            **({"step": step} if step is not None else {}),
+            **metrics,
+        }
+        with open(self.local, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec, default=float) + "\n")
+        if self.run is not None:
+            self.run.log({f"{self.stage}/{k}": v for k, v in metrics.items()}, step=step)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({f"{self.stage}/{name}": wandb.Table(columns=columns, data=rows)})
+
+    def summary(self, values: dict[str, Any]) -> None:
+        self.log(values)
+        if self.run is not None:
+            for k, v in values.items():
+                self.run.summary[f"{self.stage}/{k}"] = v
+
+    def finish(self, failed: bool = False) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=1 if failed else 0)
+            self.run = None
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish(failed=exc_type is not None)
+
+
+def start_run(recipe: Recipe, stage: str, config: dict[str, Any]) -> Tracker:
+    """Start tracking ``stage``; use as a context manager so the run always finishes."""
+    return Tracker(recipe, stage, config)

@@ -1,0 +1,179 @@
+"""Shared fixtures: tokenizers of different kinds trained here, tiny random models of
+different architectures, and a tiny recipe. No network, no downloaded weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Knowledge fusion combines the distributions of several language models.",
+    "def add(a, b):\n    return a + b\n",
+    "In 1843, Ada Lovelace wrote the first published algorithm.",
+    "Tokyo 東京 and Kyoto 京都 are cities in Japan; emoji 😀🚀 appear too.",
+    "Tabs\tand  double  spaces   and\n\nnew paragraphs matter.",
+    "Photosynthesis converts light energy into chemical energy in plants.",
+    'She said: "I don\'t know!" — and left the room at 3:45 pm.',
+] * 20
+
+ADVERSARIAL = [
+    "",
+    "a",
+    "😀",
+    "👩‍👩‍👧‍👦 family emoji and 🇯🇵 flag",
+    "日本語のテキストと中文文本",
+    "tabs\t\t\tand    spaces\n\n\n\nand blank lines",
+    "    leading spaces and trailing    ",
+    "for (int i = 0; i < n; ++i) { x[i] = y[i] * 2; }",
+    "\x00\x01 control bytes \u200b zero width",
+    "ẞ Ω ∑ ∫ ≈ math symbols",
+]
+
+
+def _train_tokenizer(kind: str, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    corpus = TEXT + ADVERSARIAL
+    if kind == "bpe":  # GPT-2 style byte-level BPE (Ġ)
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+    elif kind == "unigram":  # SentencePiece style (▁) with byte fallback
+        tok = Tokenizer(models.Unigram())
+        tok.normalizer = normalizers.NFKC()
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>"
+        )
+    elif kind == "wordpiece":  # BERT style (##)
+        tok = Tokenizer(models.WordPiece(unk_token="<unk>"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=False)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+    else:
+        raise ValueError(kind)
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
+
+
+def _tiny_model(arch: str, vocab_size: int):
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MptConfig
+
+    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "llama":
+        cfg = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            **common,
+        )
+    elif arch == "gpt_neox":
+        cfg = GPTNeoXConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=512,
+            **common,
+        )
+    elif arch == "gpt2":
+        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=512, **common)
+    elif arch == "mpt":
+        cfg = MptConfig(
+            d_model=32, n_layers=2, n_heads=2, max_seq_len=512, expansion_ratio=2, **common
+        )
+    else:
+        raise ValueError(arch)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(sum(map(ord, arch)))  # deterministic across processes
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+# name -> (architecture, tokenizer kind, tokenizer vocab, padded model vocab)
+TINY = {
+    "llama_bpe": ("llama", "bpe", 300, 320),
+    "neox_unigram": ("gpt_neox", "unigram", 250, 256),
+    "gpt2_wordpiece": ("gpt2", "wordpiece", 200, 200),
+    "mpt_bpe": ("mpt", "bpe", 280, 320),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Local HF directories of tiny random models of four families and three tokenizer kinds."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    out = {}
+    for name, (arch, kind, tv, mv) in TINY.items():
+        d = root / name
+        tok = _train_tokenizer(kind, tv)
+        model = _tiny_model(arch, mv)
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        out[name] = d
+    return out
+
+
+@pytest.fixture()
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    d = tmp_path / "cache"
+    monkeypatch.setenv("FUSELLM_CACHE", str(d))
+    return d
+
+
+def write_recipe(path: Path, body: str) -> Path:
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def tiny_recipe(tmp_path, tiny_models) -> Path:
+    """A recipe over two tiny models with a jsonl corpus; tracking offline."""
+    data = tmp_path / "data.jsonl"
+    import json
+
+    with open(data, "w", encoding="utf-8") as f:
+        for i, t in enumerate(TEXT[:40] + [a for a in ADVERSARIAL if a.strip()]):
+            f.write(json.dumps({"id": f"d{i}", "text": t * 3}) + "\n")
+    body = f"""
+name: tiny
+run_dir: {tmp_path / "run"}
+models:
+  llama: {{path: {tiny_models["llama_bpe"]}}}
+  neox: {{path: {tiny_models["neox_unigram"]}}}
+target: llama
+sources: [llama, neox]
+tracking: {{mode: offline}}
+corpus:
+  inputs:
+    - {{path: {data}, id_field: id, domain: mixed}}
+  valid_fraction: 0.2
+  test_fraction: 0.2
+  block_size: 32
+"""
+    return write_recipe(tmp_path / "tiny.yaml", body)

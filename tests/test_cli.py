@@ -1,0 +1,78 @@
+"""The real CLI: help texts, unbuilt stages exit non-zero, corpus runs end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fusellm.cli import main
+from fusellm.stages import NOT_BUILT_EXIT, STAGES
+
+
+def cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "fusellm.cli", *args], capture_output=True, text=True, env=env
+    )
+
+
+def test_help_lists_every_stage():
+    r = cli("--help")
+    assert r.returncode == 0
+    for name in ["run", "show", "verify", *STAGES]:
+        assert name in r.stdout
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_each_stage_has_help(stage):
+    r = cli(stage, "--help")
+    assert r.returncode == 0 and STAGES[stage].help.split()[0] in r.stdout
+    if not STAGES[stage].built:
+        assert "not built yet" in " ".join(r.stdout.split())
+
+
+def test_unbuilt_stage_says_so_and_exits_nonzero(tiny_recipe, capsys):
+    unbuilt = [s for s in STAGES.values() if not s.built]
+    if not unbuilt:
+        pytest.skip("every stage is built")
+    st = unbuilt[0]
+    text = tiny_recipe.read_text() + f"\n{st.name}: {{}}\n"
+    tiny_recipe.write_text(text)
+    assert main([st.name, str(tiny_recipe)]) == NOT_BUILT_EXIT
+    assert f"stage '{st.name}' is not built yet" in capsys.readouterr().err
+
+
+def test_run_executes_built_stages_then_stops_at_unbuilt(tiny_recipe, tmp_path, capsys):
+    tiny_recipe.write_text(tiny_recipe.read_text() + "\nextract: {top_k: 4}\n")
+    rc = main(["run", str(tiny_recipe), "tracking.mode=offline"])
+    man = json.loads((tmp_path / "run" / "corpus" / "manifest.json").read_text())
+    assert man["complete"] is True
+    if not STAGES["extract"].built:
+        assert rc == NOT_BUILT_EXIT and "not built yet" in capsys.readouterr().err
+
+
+def test_bad_recipe_exits_2_with_key(tiny_recipe, capsys):
+    assert main(["corpus", str(tiny_recipe), "corpus.block_size=wide"]) == 2
+    assert "corpus.block_size" in capsys.readouterr().err
+
+
+def test_show_prints_resolved_recipe(tiny_recipe, capsys):
+    assert main(["show", str(tiny_recipe), "corpus.block_size=64"]) == 0
+    assert "block_size: 64" in capsys.readouterr().out
+
+
+def test_verify_reports_altered_file(tiny_recipe, tmp_path, capsys):
+    assert main(["corpus", str(tiny_recipe), "tracking.backend=none"]) == 0
+    assert main(["verify", str(tmp_path / "run")]) == 0
+    f = tmp_path / "run" / "corpus" / "train.jsonl"
+    f.write_text(f.read_text() + "tampered\n")
+    assert main(["verify", str(tmp_path / "run")]) == 1
+    out = capsys.readouterr().out
+    assert "train.jsonl: sha256" in out and "!= expected" in out
+
+
+def test_unknown_stage_in_stages(tiny_recipe, capsys):
+    assert main(["run", str(tiny_recipe), "--stages", "corpus,fusion"]) == 2
+    assert "unknown stage(s) ['fusion']" in capsys.readouterr().err

@@ -1,0 +1,208 @@
+"""Corpus stage end to end on tiny tokenizers: formats, errors by file:line, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TEXT, write_recipe
+
+from fusellm.corpus import runner
+from fusellm.corpus.readers import CorpusInputError
+from fusellm.manifest import StageInputsChanged
+from fusellm.recipe import load_recipe
+from fusellm.storage import read_json
+
+
+def recipe_for(tmp_path, tiny_models, inputs: str, extra: str = "", block: int = 48):
+    body = f"""
+name: c
+run_dir: {tmp_path / "run"}
+models:
+  llama: {{path: {tiny_models["llama_bpe"]}}}
+  neox: {{path: {tiny_models["neox_unigram"]}}}
+  gpt2: {{path: {tiny_models["gpt2_wordpiece"]}}}
+target: llama
+sources: [llama, neox, gpt2]
+tracking: {{backend: none}}
+corpus:
+  inputs:
+{inputs}
+  valid_fraction: 0.2
+  test_fraction: 0.2
+  block_size: {block}
+{extra}
+"""
+    return load_recipe(write_recipe(tmp_path / "c.yaml", body))
+
+
+def read_split(run_dir, split):
+    with open(run_dir / "corpus" / f"{split}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def test_all_formats_split_and_fit(tmp_path, tiny_models):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    write_jsonl(
+        tmp_path / "a.jsonl", [{"id": f"j{i}", "text": t * 4} for i, t in enumerate(TEXT[:16])]
+    )
+    pq.write_table(pa.table({"text": TEXT[:8], "k": list(range(8))}), tmp_path / "b.parquet")
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "one.txt").write_text("\n\n".join(TEXT[:12]))
+    datasets.Dataset.from_dict({"body": TEXT[:5]}).save_to_disk(str(tmp_path / "ds"))
+    inputs = f"""    - {{path: {tmp_path / "a.jsonl"}, id_field: id, domain: web}}
+    - {{path: {tmp_path / "b.parquet"}}}
+    - {{path: {tmp_path / "txt"}, text_unit: paragraph}}
+    - {{path: {tmp_path / "ds"}, text_field: body}}"""
+    r = recipe_for(tmp_path, tiny_models, inputs)
+    man = runner.run(r)
+    run_dir = tmp_path / "run"
+    rows = {s: read_split(run_dir, s) for s in ("train", "valid", "test")}
+    parents = {s: {x["parent"] for x in rows[s]} for s in rows}
+    assert not (parents["train"] & parents["test"]) and not (parents["train"] & parents["valid"])
+    n_docs = sum(man["stats"]["splits"][s]["documents"] for s in rows)
+    n_paragraphs = len("\n\n".join(TEXT[:12]).split("\n\n"))
+    assert n_docs == 16 + 8 + n_paragraphs + 5
+    assert {x["domain"] for s in rows for x in rows[s]} == {"web", "b", "one", "ds"}
+    # chunks of each document reassemble it exactly, in order
+    chunks = {}
+    for s in rows:
+        for x in rows[s]:
+            chunks.setdefault(x["parent"], []).append(x)
+    assert "".join(c["text"] for c in chunks["j3"]) == TEXT[3] * 4
+    # every chunk fits the block for every listed tokenizer, specials included
+    for name, path in tiny_models.items():
+        if name == "mpt_bpe":
+            continue
+        tok = AutoTokenizer.from_pretrained(path)
+        for s in rows:
+            assert all(len(tok(x["text"])["input_ids"]) <= 48 for x in rows[s])
+    # manifest: hashes and row counts of every file
+    for s in rows:
+        rec = man["files"][f"{s}.jsonl"]
+        assert rec["rows"] == len(rows[s]) and len(rec["sha256"]) == 64
+
+
+def test_split_is_reproducible_across_runs(tmp_path, tiny_models):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXT[:40]])
+    inputs = f"    - {{path: {tmp_path / 'a.jsonl'}}}"
+    r1 = recipe_for(tmp_path, tiny_models, inputs)
+    m1 = runner.run(r1)
+    m2 = runner.run(r1, force=True)
+    assert m1["files"] == m2["files"]
+
+
+BAD_LINES = [
+    {"text": "fine"},
+    "{not json",
+    {"body": "no text field"},
+    {"text": ""},
+    {"text": 42},
+    b'{"text": "caf\xe9"}',
+    [1, 2],
+    {"text": "also fine"},
+]
+REASONS = ["malformed_json", "missing_field", "empty", "not_a_string", "non_utf8", "not_an_object"]
+
+
+def write_bad(path):
+    with open(path, "wb") as f:
+        for r in BAD_LINES:
+            f.write(
+                (
+                    r
+                    if isinstance(r, bytes)
+                    else (r if isinstance(r, str) else json.dumps(r)).encode()
+                )
+                + b"\n"
+            )
+
+
+@pytest.mark.parametrize(
+    "lineno,reason",
+    [
+        (2, "malformed_json"),
+        (3, "missing_field"),
+        (4, "empty"),
+        (5, "not_a_string"),
+        (6, "non_utf8"),
+        (7, "not_an_object"),
+    ],
+)
+def test_error_mode_names_file_and_line(tmp_path, tiny_models, lineno, reason):
+    path = tmp_path / "bad.jsonl"
+    write_bad(path)
+    # keep the good lines plus exactly one bad line
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(
+        b"\n".join([lines[0]] + [b""] * (lineno - 2) + [lines[lineno - 1], lines[7]]) + b"\n"
+    )
+    r = recipe_for(tmp_path, tiny_models, f"    - {{path: {path}}}")
+    with pytest.raises(CorpusInputError, match=rf"bad\.jsonl:{lineno}: {reason}"):
+        runner.run(r)
+    assert not (tmp_path / "run" / "corpus" / "manifest.json").exists()
+    assert not list((tmp_path / "run" / "corpus").glob("*.tmp-*"))
+
+
+def test_skip_mode_counts_each_reason(tmp_path, tiny_models):
+    path = tmp_path / "bad.jsonl"
+    write_bad(path)
+    r = recipe_for(tmp_path, tiny_models, f"    - {{path: {path}}}", "  on_error: skip")
+    man = runner.run(r)
+    assert man["stats"]["skipped"] == {k: 1 for k in REASONS}
+    assert sum(man["stats"]["splits"][s]["documents"] for s in ("train", "valid", "test")) == 2
+
+
+def test_parquet_wrong_schema_and_duplicate_ids(tmp_path, tiny_models):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "w.parquet")
+    r = recipe_for(tmp_path, tiny_models, f"    - {{path: {tmp_path / 'w.parquet'}}}")
+    with pytest.raises(
+        CorpusInputError, match=r"w\.parquet:0: bad_schema: missing column\(s\) \['text'\]"
+    ):
+        runner.run(r)
+    write_jsonl(tmp_path / "d.jsonl", [{"id": 1, "text": "a b"}, {"id": 1, "text": "c d"}])
+    r = recipe_for(tmp_path, tiny_models, f"    - {{path: {tmp_path / 'd.jsonl'}, id_field: id}}")
+    with pytest.raises(
+        CorpusInputError, match=r"d\.jsonl:2: duplicate_id: id '1' already used at .*d\.jsonl:1"
+    ):
+        runner.run(r)
+
+
+def test_missing_input_file(tmp_path, tiny_models):
+    r = recipe_for(tmp_path, tiny_models, f"    - {{path: {tmp_path / 'nope.jsonl'}}}")
+    with pytest.raises(CorpusInputError, match="nope.jsonl: no such file"):
+        runner.run(r)
+
+
+def test_resume_skip_refuse_force(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXT[:20]])
+    inputs = f"    - {{path: {data}}}"
+    r = recipe_for(tmp_path, tiny_models, inputs)
+    assert runner.run(r) is not None
+    train = tmp_path / "run" / "corpus" / "train.jsonl"
+    mtime = train.stat().st_mtime_ns
+    assert runner.run(r) is None  # complete and unchanged: skipped
+    assert train.stat().st_mtime_ns == mtime
+    write_jsonl(data, [{"text": t} for t in TEXT[:21]])  # input drift
+    with pytest.raises(StageInputsChanged, match=r"differs: inputs\.inputs\.0.*--force"):
+        runner.run(r)
+    r2 = recipe_for(tmp_path, tiny_models, inputs, block=64)  # config drift
+    with pytest.raises(StageInputsChanged, match=r"config\.block_size"):
+        runner.run(r2)
+    man = runner.run(r2, force=True)
+    assert man["fingerprint"]["config"]["block_size"] == 64
+    assert read_json(tmp_path / "run" / "corpus" / "manifest.json")["complete"] is True

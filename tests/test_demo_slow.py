@@ -1,0 +1,58 @@
+"""Real pretrained demo models and data (installed from PyPI packages): run with -m slow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusellm.models import load_model, load_tokenizer, locate, model_vocab_size
+from fusellm.recipe import load_recipe
+
+pytestmark = pytest.mark.slow
+QUICKSTART = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
+ADVERSARIAL = "Hello  world\t日本語 😀 👩‍👩‍👧 <0x0A> ▁Ġ\n\n  def f(x): return x"
+
+
+@pytest.mark.parametrize(
+    "name,vocab,arch",
+    [("smollm2", 49152, "LlamaForCausalLM"), ("gemma3", 262144, "Gemma3ForCausalLM")],
+)
+def test_demo_models_load_offline_from_packages(name, vocab, arch):
+    r = load_recipe(QUICKSTART)
+    spec = r.models[name]
+    assert locate(spec, name).kind == "gguf"
+    tok = load_tokenizer(spec, name)
+    model = load_model(spec, name)
+    assert type(model).__name__ == arch and model_vocab_size(model) == vocab
+    enc = tok(ADVERSARIAL, return_offsets_mapping=True, add_special_tokens=False)
+    assert all(0 <= a <= b <= len(ADVERSARIAL) for a, b in enc["offset_mapping"])
+    ids = torch.tensor([enc["input_ids"][:32]])
+    with torch.inference_mode():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all() and logits.shape[-1] == vocab
+    # a real pretrained model predicts real text far better than uniform
+    text = "The capital of France is Paris. The capital of Germany is Berlin."
+    ids = torch.tensor([tok(text)["input_ids"]])
+    with torch.inference_mode():
+        loss = model(ids, labels=ids).loss.item()
+    assert loss < 0.5 * torch.log(torch.tensor(float(vocab))).item()
+
+
+def test_quickstart_corpus_stage(tmp_path):
+    from fusellm.cli import main
+
+    assert main(["corpus", str(QUICKSTART), f"run_dir={tmp_path}", "tracking.mode=offline"]) == 0
+    man = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
+    splits = man["stats"]["splits"]
+    domains = {k.split("/")[1] for k in splits["test"] if k.startswith("chars/")}
+    assert domains == {"drama", "fiction", "encyclopedia", "science"}
+    r = load_recipe(QUICKSTART)
+    toks = [load_tokenizer(r.models[n], n) for n in r.all_models]
+    with open(tmp_path / "corpus" / "train.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == man["files"]["train.jsonl"]["rows"] > 100
+    for tok in toks:
+        assert max(len(tok(x["text"])["input_ids"]) for x in rows) <= r.corpus.block_size

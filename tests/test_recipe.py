@@ -1,0 +1,177 @@
+"""Recipe loading: every shipped recipe validates; bad keys/types/values name the key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fusellm.recipe import RecipeError, config_hash, load_recipe, redact
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+BASE = """
+name: t
+run_dir: /tmp/run
+models:
+  a: {path: /models/a}
+  b: {path: org/b}
+target: a
+sources: [a, b]
+corpus:
+  inputs: [{path: data.jsonl}]
+  block_size: 128
+"""
+
+
+def load_text(tmp_path: Path, text: str, overrides=()):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return load_recipe(p, overrides)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_loads(path):
+    r = load_recipe(path)
+    assert r.target in r.models and r.sources
+
+
+def test_shipped_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {"quickstart.yaml", "fusellm-7b.yaml"} <= names
+
+
+def test_paper_recipe_settings():
+    r = load_recipe(Path(__file__).parent.parent / "recipes" / "fusellm-7b.yaml")
+    assert r.target == "llama2" and len(r.sources) == 3
+    assert r.corpus.block_size == 2048
+    assert r.train["lm_weight"] == 0.9 and r.train["learning_rate"] == 1e-5
+    assert r.extract["top_k"] == 10
+
+
+def test_valid_recipe_and_defaults(tmp_path):
+    r = load_text(tmp_path, BASE)
+    assert r.all_models == ["a", "b"]
+    assert r.corpus.on_error == "error" and r.tracking.mode == "auto"
+
+
+def test_unknown_key_names_path_and_file(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        load_text(tmp_path, BASE.replace("block_size: 128", "block_size: 128\n  blok_size: 3"))
+    msg = str(e.value)
+    assert "r.yaml" in msg and "corpus.blok_size" in msg and "unknown key" in msg
+
+
+def test_unknown_nested_key_in_list(tmp_path):
+    with pytest.raises(RecipeError, match=r"corpus\.inputs\.0\.txt_field: unknown key"):
+        load_text(tmp_path, BASE.replace("{path: data.jsonl}", "{path: data.jsonl, txt_field: x}"))
+
+
+def test_wrong_type_names_key(tmp_path):
+    with pytest.raises(
+        RecipeError, match=r"corpus\.block_size: Input should be a valid integer.*'128'"
+    ):
+        load_text(tmp_path, BASE.replace("block_size: 128", "block_size: '128'"))
+
+
+def test_out_of_range_names_key(tmp_path):
+    with pytest.raises(
+        RecipeError, match=r"corpus\.block_size: Input should be greater than or equal to 16"
+    ):
+        load_text(tmp_path, BASE.replace("block_size: 128", "block_size: 4"))
+    with pytest.raises(RecipeError, match=r"corpus: .*valid_fraction \+ test_fraction"):
+        load_text(tmp_path, BASE + "  valid_fraction: 0.6\n  test_fraction: 0.5\n")
+
+
+def test_literal_choice_error(tmp_path):
+    with pytest.raises(RecipeError, match=r"corpus\.on_error: Input should be 'error' or 'skip'"):
+        load_text(tmp_path, BASE + "  on_error: ignore\n")
+
+
+def test_unknown_model_reference(tmp_path):
+    with pytest.raises(RecipeError, match=r"sources\.1: 'c' is not one of models \['a', 'b'\]"):
+        load_text(tmp_path, BASE.replace("sources: [a, b]", "sources: [a, c]"))
+    with pytest.raises(RecipeError, match=r"target: 'z'"):
+        load_text(tmp_path, BASE.replace("target: a", "target: z"))
+
+
+def test_overrides_apply_and_are_typed(tmp_path):
+    r = load_text(
+        tmp_path,
+        BASE,
+        ["corpus.block_size=512", "seed=7", "sources=[b]", "corpus.inputs.0.domain=web"],
+    )
+    assert r.corpus.block_size == 512 and r.seed == 7 and r.sources == ["b"]
+    assert r.corpus.inputs[0].domain == "web"
+
+
+def test_override_unknown_key_says_override(tmp_path):
+    with pytest.raises(RecipeError, match=r"corpus\.blocksize: unknown key.*command-line override"):
+        load_text(tmp_path, BASE, ["corpus.blocksize=1"])
+    with pytest.raises(RecipeError, match="expected key=value"):
+        load_text(tmp_path, BASE, ["corpus.block_size"])
+
+
+def test_interpolation_follows_overrides(tmp_path):
+    text = BASE.replace("{path: data.jsonl}", "{path: '${run_dir}/data.jsonl'}")
+    assert load_text(tmp_path, text).corpus.inputs[0].path == "/tmp/run/data.jsonl"
+    r = load_text(tmp_path, text, ["run_dir=/scratch/x"])
+    assert r.corpus.inputs[0].path == "/scratch/x/data.jsonl"
+
+
+def test_interpolation_whole_value_keeps_type(tmp_path):
+    r = load_text(tmp_path, BASE + "seed: ${corpus.block_size}\n")
+    assert r.seed == 128
+
+
+def test_interpolation_env_missing_and_cycle(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSELLM_TEST_DIR", "/data")
+    r = load_text(tmp_path, BASE.replace("/tmp/run", "${env:FUSELLM_TEST_DIR}/run"))
+    assert r.run_dir == "/data/run"
+    with pytest.raises(RecipeError, match=r"r\.yaml: \$\{nope\.x\}: no such key"):
+        load_text(tmp_path, BASE.replace("/tmp/run", "${nope.x}"))
+    with pytest.raises(RecipeError, match="circular"):
+        load_text(
+            tmp_path, BASE.replace("name: t", "name: ${run_dir}").replace("/tmp/run", "${name}")
+        )
+    monkeypatch.delenv("FUSELLM_UNSET_VAR", raising=False)
+    with pytest.raises(RecipeError, match="FUSELLM_UNSET_VAR is not set"):
+        load_text(tmp_path, BASE.replace("/tmp/run", "${env:FUSELLM_UNSET_VAR}"))
+
+
+def test_scientific_floats_are_floats(tmp_path):
+    r = load_text(tmp_path, BASE + "train: {learning_rate: 1e-5, other: 3e2}\n")
+    assert r.train["learning_rate"] == 1e-5 and isinstance(r.train["other"], float)
+
+
+def test_python_tags_refused_without_running(tmp_path):
+    sentinel = tmp_path / "pwned"
+    evil = BASE + f"x: !!python/object/apply:os.system ['touch {sentinel}']\n"
+    with pytest.raises(RecipeError, match=r"r\.yaml:\d+: invalid recipe YAML"):
+        load_text(tmp_path, evil)
+    assert not sentinel.exists()
+
+
+def test_duplicate_keys_refused(tmp_path):
+    with pytest.raises(RecipeError, match=r"r\.yaml:\d+: .*duplicate key 'seed'"):
+        load_text(tmp_path, BASE + "seed: 1\nseed: 2\n")
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(RecipeError, match="cannot read recipe"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="must be a YAML mapping"):
+        load_text(tmp_path, "- a\n- b\n")
+
+
+def test_redact_and_hash(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "sekrit-123")
+    cfg = {"tracking": {"api_key": "abc"}, "note": "key is sekrit-123", "max_tokens": 5}
+    red = redact(cfg)
+    assert red["tracking"]["api_key"] == "<redacted>" and "sekrit" not in str(red)
+    assert red["max_tokens"] == 5
+    assert (
+        config_hash({"a": 1, "b": 2})
+        == config_hash({"b": 2, "a": 1})
+        != config_hash({"a": 2, "b": 2})
+    )
