@@ -95,7 +95,15 @@ def _run_stages(recipe, names: list[str], force: bool, explicit: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Flags may sit anywhere among the key=value overrides (argparse would stop the
+    # positional list at the first flag): collect the leftovers as overrides.
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -153,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 def _verify(run_dir: Path) -> int:
     from fusellm.manifest import MANIFEST, verify_files
 
-    manifests = sorted(run_dir.glob(f"*/{MANIFEST}"))
+    manifests = sorted(m for m in run_dir.rglob(MANIFEST) if "wandb" not in m.parts)
     if not manifests:
         print(f"fusellm: error: no stage manifests under {run_dir}", file=sys.stderr)
         return 2
@@ -161,7 +169,9 @@ def _verify(run_dir: Path) -> int:
     for m in manifests:
         problems = verify_files(m.parent)
         bad += problems
-        print(f"{m.parent.name}: {'OK' if not problems else f'{len(problems)} bad file(s)'}")
+        print(
+            f"{m.parent.relative_to(run_dir)}: {'OK' if not problems else f'{len(problems)} bad file(s)'}"
+        )
     for b in bad:
         print(b)
     return 1 if bad else 0

@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fusellm.corpus.config import CorpusConfig
+from fusellm.extract.config import ExtractConfig
 
 
 class RecipeError(ValueError):
@@ -83,7 +84,7 @@ class Recipe(StrictModel):
     sources: list[str] = Field(min_length=1)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     corpus: CorpusConfig | None = None
-    extract: OpaqueSection | None = None
+    extract: ExtractConfig | None = None
     align: OpaqueSection | None = None
     fuse: OpaqueSection | None = None
     train: OpaqueSection | None = None
@@ -101,10 +102,14 @@ class Recipe(StrictModel):
                 raise ValueError(f"sources.{i}: '{s}' is not one of models {known}")
         if len(set(self.sources)) != len(self.sources):
             raise ValueError(f"sources: duplicate names in {self.sources}")
-        if self.corpus is not None:
-            for i, m in enumerate(self.corpus.fit_models or []):
+        lists = {
+            "corpus.fit_models": self.corpus.fit_models if self.corpus else None,
+            "extract.models": self.extract.models if self.extract else None,
+        }
+        for key, names in lists.items():
+            for i, m in enumerate(names or []):
                 if m not in self.models:
-                    raise ValueError(f"corpus.fit_models.{i}: '{m}' is not one of models {known}")
+                    raise ValueError(f"{key}.{i}: '{m}' is not one of models {known}")
         return self
 
     @property

@@ -41,7 +41,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "extract",
             "run each source model over the corpus and store top-k next-token log-probs",
-            None,
+            "fusellm.extract.runner:run",
             3,
         ),
         Stage(

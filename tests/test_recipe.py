@@ -46,7 +46,7 @@ def test_paper_recipe_settings():
     assert r.target == "llama2" and len(r.sources) == 3
     assert r.corpus.block_size == 2048
     assert r.train["lm_weight"] == 0.9 and r.train["learning_rate"] == 1e-5
-    assert r.extract["top_k"] == 10
+    assert r.extract.top_k == 10
 
 
 def test_valid_recipe_and_defaults(tmp_path):

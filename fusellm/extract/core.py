@@ -1,0 +1,150 @@
+"""Pure core of extraction: batch planning and top-k scoring of real tokens.
+
+The hot path avoids the two costs that made the reference code slow and memory-bound:
+
+* it never materialises ``log_softmax`` over ``[B, L, V]``: the output head runs over
+  chunks of *real* token positions (padding is dropped before the head), and each chunk
+  keeps only ``logsumexp``, the top-k logits and the gold next-token logit;
+* the V-sized working set is ``head_chunk_tokens × V`` floats, independent of batch size,
+  which matters for Gemma's 262k vocabulary (a full fp32 log-softmax of 4k tokens is 4 GB).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def plan_batches(lengths: list[int], batch_tokens: int, max_batch_size: int) -> list[list[int]]:
+    """Group sequence indices into batches of similar length (longest first).
+
+    A batch holds at most ``max_batch_size`` sequences and ``batch_tokens`` padded tokens
+    (a single longer sequence gets a batch of its own). Deterministic for given lengths.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        width = lengths[cur[0]] if cur else lengths[i]  # longest first: first is widest
+        if cur and (len(cur) + 1 > max_batch_size or (len(cur) + 1) * width > batch_tokens):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+@dataclass
+class Scored:
+    """Per-sequence outputs for the real tokens of one sequence (``T`` = its length)."""
+
+    topk_ids: torch.Tensor  # int32 [T, k]
+    topk_logprobs: torch.Tensor  # float32 [T, k]
+    ce: torch.Tensor  # float32 [T]; NaN at the last position
+
+
+class TopKScorer:
+    """Runs a causal LM and reduces its next-token distributions to top-k.
+
+    When the model splits into ``base_model`` (hidden states) and an output head whose
+    composition reproduces ``model(...).logits`` (checked once on a probe input), the head
+    runs only over real positions in chunks. Otherwise (e.g. models with logit
+    soft-capping or scaling outside the head) the full logits are computed and reduced
+    the same way, still chunk by chunk.
+    """
+
+    def __init__(self, model: torch.nn.Module, k: int, head_chunk_tokens: int = 1024):
+        self.model = model
+        self.k = k
+        self.chunk = head_chunk_tokens
+        self.head = model.get_output_embeddings()
+        self.base = getattr(model, "base_model", None)
+        self.vocab_size = int(self.head.weight.shape[0])
+        if k > self.vocab_size:
+            raise ValueError(f"top_k {k} exceeds the vocabulary size {self.vocab_size}")
+        self.split_head = self.base is not None and self.base is not model and self._probe()
+
+    @torch.inference_mode()
+    def _probe(self) -> bool:
+        dev = self.head.weight.device
+        ids = torch.arange(1, 9, device=dev).remainder(self.vocab_size).unsqueeze(0)
+        mask = torch.ones_like(ids)
+        try:
+            full = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            split = self.head(
+                self.base(input_ids=ids, attention_mask=mask).last_hidden_state
+            ).float()
+        except Exception:
+            return False
+        tol = (
+            1e-3
+            if full.dtype == torch.float32 and self.head.weight.dtype == torch.float32
+            else 5e-2
+        )
+        return full.shape == split.shape and torch.allclose(full, split, atol=tol, rtol=tol)
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Scored]:
+        """Score a right-padded batch: ``input_ids``/``attention_mask`` int ``[B, L]``.
+
+        Returns one :class:`Scored` per row with that row's real length.
+        """
+        lengths = attention_mask.sum(1).tolist()
+        real = attention_mask.bool()
+        # Gold next token for each real position (the last real position has none).
+        nxt = torch.full_like(input_ids, -1)
+        nxt[:, :-1] = input_ids[:, 1:]
+        nxt = torch.where(torch.roll(real, -1, 1) & real, nxt, -1)
+        nxt[:, -1] = -1
+        if self.split_head:
+            hidden = self.base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            flat = hidden[real]  # [N, H], real positions only
+            project = self.head
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            flat = logits[real]  # [N, V]
+            project = None
+        gold = nxt[real]
+        n = flat.shape[0]
+        ids = torch.empty(n, self.k, dtype=torch.int32, device=flat.device)
+        lps = torch.empty(n, self.k, dtype=torch.float32, device=flat.device)
+        ce = torch.empty(n, dtype=torch.float32, device=flat.device)
+        for a in range(0, n, self.chunk):
+            b = min(a + self.chunk, n)
+            lg = (project(flat[a:b]) if project is not None else flat[a:b]).float()  # [c, V]
+            lse = torch.logsumexp(lg, dim=-1)
+            vals, idx = lg.topk(self.k, dim=-1)
+            ids[a:b] = idx.to(torch.int32)
+            lps[a:b] = vals - lse[:, None]
+            g = gold[a:b]
+            has = g >= 0
+            ce[a:b] = torch.where(
+                has, lse - lg.gather(1, g.clamp(min=0)[:, None])[:, 0], float("nan")
+            )
+        out, pos = [], 0
+        for length in lengths:
+            out.append(
+                Scored(
+                    ids[pos : pos + length].cpu(),
+                    lps[pos : pos + length].cpu(),
+                    ce[pos : pos + length].cpu(),
+                )
+            )
+            pos += length
+        return out
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into ``input_ids``/``attention_mask`` int64 ``[B, L]``.
+
+    The pad id only fills masked positions; its value never reaches a stored number.
+    """
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask

@@ -1,0 +1,196 @@
+"""Top-k distribution shards: the on-disk format of extract (and later align/fuse).
+
+One shard is a safetensors file (no pickle; memory-mappable) holding a run of documents
+with only their *real* tokens (never padding), concatenated. With ``T`` tokens, ``D``
+documents and top-k ``k``:
+
+=================  ===========================  ===========================================
+tensor             dtype / shape                meaning
+=================  ===========================  ===========================================
+``doc_offsets``    int64 ``[D+1]``              token ranges of the documents
+``input_ids``      uint8 ``[T, w]``             token ids, packed little-endian in ``w`` bytes
+``char_start``     int32 ``[T]``                character offset of each token in its text
+``char_len``       uint16 ``[T]``               character length (end = start + len)
+``topk_ids``       uint8 ``[T, k, w]``          ids of the k most likely *next* tokens
+``topk_logprobs``  fp16/bf16/fp32 ``[T, k]``    their log-probs (log-softmax over the full
+                                                vocabulary, so tail mass = 1 − Σ exp)
+``ce``             fp32 ``[T]``                 −log p(gold next token); NaN at the last
+                                                token of each document (nothing follows)
+=================  ===========================  ===========================================
+
+``w`` is the smallest byte width holding the model's vocabulary (2 up to 65,536 ids, 3 up
+to 16.7 M, else 4): at k = 10 that is 52 B/token for a 49k vocabulary and 63 B/token for
+Gemma's 262k, against ~100 B per padded position in the reference layout. Readers always
+get int32 ids back. Document ids and the vocabulary size live in the safetensors metadata.
+
+Each shard is written to a temporary name and renamed, then a sidecar ``<shard>.json``
+records its sha256, documents and tokens: a shard counts as done only with a sidecar
+whose sha256 matches.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from fusellm.manifest import CorruptArtifact
+from fusellm.storage import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+
+FORMAT = "fusellm-topk/1"
+
+
+def id_width(vocab_size: int) -> int:
+    """Bytes needed per token id for a vocabulary of ``vocab_size``."""
+    for w in (2, 3, 4):
+        if vocab_size <= 1 << (8 * w):
+            return w
+    raise ValueError(f"vocabulary of {vocab_size} does not fit 32-bit ids")
+
+
+def pack_ids(ids: np.ndarray, width: int) -> np.ndarray:
+    """int ``[...]`` -> uint8 ``[..., width]`` (little-endian low bytes)."""
+    a = np.ascontiguousarray(ids, dtype="<u4")
+    return np.ascontiguousarray(a.view(np.uint8).reshape(*a.shape, 4)[..., :width])
+
+
+def unpack_ids(packed: np.ndarray) -> np.ndarray:
+    """uint8 ``[..., width]`` -> int32 ``[...]``."""
+    width = packed.shape[-1]
+    full = np.zeros((*packed.shape[:-1], 4), dtype=np.uint8)
+    full[..., :width] = packed
+    return full.view("<i4")[..., 0]
+
+
+@dataclass
+class DocDist:
+    """One document's stored distributions (all arrays have the document's T rows)."""
+
+    doc_id: str
+    input_ids: np.ndarray  # int32 [T]
+    offsets: np.ndarray  # int32 [T, 2] character (start, end)
+    topk_ids: np.ndarray  # int32 [T, k]
+    topk_logprobs: torch.Tensor  # fp16/bf16/fp32 [T, k]
+    ce: np.ndarray  # float32 [T], NaN at the last position
+
+    @property
+    def seq_ce(self) -> float:
+        """Mean CE over positions that have a next token (the sequence CE of MinCE)."""
+        v = self.ce[:-1]
+        return float(v.mean()) if len(v) else float("nan")
+
+
+def encode_shard(docs: list[DocDist], vocab_size: int, meta: dict[str, str]) -> bytes:
+    """Serialise documents into one shard (bytes of a safetensors file)."""
+    w = id_width(vocab_size)
+    lengths = [len(d.input_ids) for d in docs]
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros((0,))  # noqa: E731
+    k = docs[0].topk_ids.shape[1] if docs else 0
+    offsets = np.concatenate([d.offsets for d in docs]) if docs else np.zeros((0, 2), np.int32)
+    char_len = offsets[:, 1] - offsets[:, 0]
+    if len(char_len) and (char_len.min() < 0 or char_len.max() > np.iinfo(np.uint16).max):
+        raise ValueError("token character spans must be within [0, 65535]")
+    tensors = {
+        "doc_offsets": torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)),
+        "input_ids": torch.from_numpy(pack_ids(cat([d.input_ids for d in docs]), w)),
+        "char_start": torch.from_numpy(offsets[:, 0].astype(np.int32)),
+        "char_len": torch.from_numpy(char_len.astype(np.uint16)),
+        "topk_ids": torch.from_numpy(
+            pack_ids(np.concatenate([d.topk_ids for d in docs]) if docs else np.zeros((0, k)), w)
+        ),
+        "topk_logprobs": torch.cat([d.topk_logprobs for d in docs]) if docs else torch.zeros(0, k),
+        "ce": torch.from_numpy(cat([d.ce for d in docs]).astype(np.float32)),
+    }
+    metadata = {
+        "format": FORMAT,
+        "vocab_size": str(vocab_size),
+        "doc_ids": json.dumps([d.doc_id for d in docs], ensure_ascii=False),
+        **meta,
+    }
+    return canonical_safetensors(st_save(tensors, metadata=metadata))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """Rewrite a safetensors header with sorted keys so equal content gives equal bytes.
+
+    safetensors serialises its header from a hash map whose order varies between
+    processes; byte-identical shards (resume, N processes) need a canonical header. Data
+    offsets are relative to the end of the header, so only the header changes.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # keep the data 8-byte aligned
+    return len(header).to_bytes(8, "little") + header + data[8 + n :]
+
+
+def decode_shard(data: bytes) -> tuple[list[DocDist], dict[str, str]]:
+    """Inverse of :func:`encode_shard`."""
+    t = st_load(data)
+    meta = _metadata(data)
+    bounds = t["doc_offsets"].numpy()
+    ids = unpack_ids(t["input_ids"].numpy())
+    start = t["char_start"].numpy()
+    offsets = np.stack([start, start + t["char_len"].numpy().astype(np.int32)], axis=1)
+    topk = unpack_ids(t["topk_ids"].numpy())
+    lp = t["topk_logprobs"]
+    ce = t["ce"].numpy()
+    docs = [
+        DocDist(doc_id, ids[a:b], offsets[a:b], topk[a:b], lp[a:b], ce[a:b])
+        for doc_id, a, b in zip(json.loads(meta["doc_ids"]), bounds[:-1], bounds[1:], strict=True)
+    ]
+    return docs, meta
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n]).get("__metadata__", {})
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def write_shard(path: Path, data: bytes, docs: int, tokens: int) -> dict:
+    """Atomically write a shard, then its sidecar; returns the sidecar record."""
+    atomic_write_bytes(path, data)
+    rec = {"sha256": sha256_file(path), "bytes": len(data), "docs": docs, "tokens": tokens}
+    atomic_write_json(sidecar(path), rec)
+    return rec
+
+
+def sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def shard_problem(path: Path) -> str | None:
+    """Why ``path`` is not a valid finished shard (None when it is)."""
+    sc = sidecar(path)
+    if not path.exists():
+        return f"{path}: missing"
+    if not sc.exists():
+        return f"{path}: no sidecar (unfinished)"
+    expected = read_json(sc)["sha256"]
+    actual = sha256_file(path)
+    if actual != expected:
+        return f"{path}: sha256 {actual} != expected {expected} (truncated or altered)"
+    return None
+
+
+def read_shard(path: Path, verify: bool = True) -> tuple[list[DocDist], dict[str, str]]:
+    """Read one shard; with ``verify`` its sha256 must match the sidecar."""
+    if verify and (problem := shard_problem(path)):
+        raise CorruptArtifact(problem)
+    return decode_shard(path.read_bytes())
+
+
+def iter_docs(shards: list[Path], verify: bool = True) -> Iterator[DocDist]:
+    """Stream documents of a shard range; memory is bounded by one shard."""
+    for p in shards:
+        docs, _ = read_shard(p, verify)
+        yield from docs
