@@ -56,3 +56,36 @@ def test_quickstart_corpus_stage(tmp_path):
     assert len(rows) == man["files"]["train.jsonl"]["rows"] > 100
     for tok in toks:
         assert max(len(tok(x["text"])["input_ids"]) for x in rows) <= r.corpus.block_size
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_extraction_on_demo_models_matches_direct_topk(name):
+    from fusellm.extract.config import ExtractConfig
+    from fusellm.extract.core import TopKScorer
+    from fusellm.extract.runner import extract_shard
+    from fusellm.shards import decode_shard, encode_shard
+
+    r = load_recipe(QUICKSTART)
+    tok = load_tokenizer(r.models[name], name)
+    model = load_model(r.models[name], name)
+    cfg = ExtractConfig(top_k=10, head_chunk_tokens=64)
+    scorer = TopKScorer(model, cfg.top_k, cfg.head_chunk_tokens)
+    assert scorer.split_head  # the chunked head reproduces the model's logits
+    texts = [
+        "The capital of France is Paris.",
+        ADVERSARIAL,
+        "def add(a, b):\n    return a + b\n" * 3,
+    ]
+    dists = extract_shard(scorer, tok, [(f"d{i}", t) for i, t in enumerate(texts)], cfg, None, name)
+    docs, _ = decode_shard(encode_shard(dists, scorer.vocab_size, {}))
+    for d, t in zip(docs, texts, strict=True):
+        x = torch.tensor([tok(t)["input_ids"]])
+        with torch.inference_mode():
+            lp = torch.log_softmax(model(x).logits[0].float(), -1)
+            loss = model(x, labels=x).loss.item()
+        vals, idx = lp.topk(10)
+        stored = torch.from_numpy(d.topk_ids).long()
+        assert torch.allclose(d.topk_logprobs.float(), vals, atol=1e-2, rtol=2e-3)
+        assert torch.allclose(d.topk_logprobs.float(), lp.gather(1, stored), atol=1e-2, rtol=2e-3)
+        assert (stored[:, 0] == idx[:, 0]).float().mean() > 0.97
+        assert abs(d.seq_ce - loss) < 1e-3

@@ -69,6 +69,21 @@ def model_dir(recipe: Recipe, name: str) -> Path:
     return recipe.stage_dir(STAGE) / name
 
 
+def model_shards(recipe: Recipe, name: str, split: str) -> list[Path]:
+    """The complete extraction of ``name`` for ``split``: its shard paths in order.
+
+    Raises FileNotFoundError (telling what to run) if that extraction is not complete.
+    """
+    path = model_dir(recipe, name)
+    man = load_manifest(path, f"extract (model '{name}')")
+    n = man["stats"]["shards"].get(split)
+    if n is None:
+        raise FileNotFoundError(
+            f"extract[{name}]: split '{split}' was not extracted (extract.splits)"
+        )
+    return [path / split / shard_name(i) for i in range(n)]
+
+
 def _device(cfg: ExtractConfig, rank: Rank) -> str:
     if cfg.device != "auto":
         return cfg.device
@@ -237,7 +252,6 @@ def _compute(recipe, cfg, name, spec, tok, corpus_dir, todo, path, rank, fingerp
         rank.world,
     )
     tracker_cfg = {"model": name, **cfg.model_dump(mode="json"), "fingerprint": fingerprint}
-    tokens = bytes_ = 0
     with (
         start_run(recipe, f"{STAGE}/{name}", tracker_cfg)
         if rank.rank == 0
@@ -245,40 +259,40 @@ def _compute(recipe, cfg, name, spec, tok, corpus_dir, todo, path, rank, fingerp
         tqdm(desc=f"extract {name}", unit="tok", disable=rank.rank != 0) as bar,
     ):
         load_s = time.time() - t0
+        stats = {"tokens": 0, "bytes": 0, "shards": 0}
+
+        def emit(split: str, shard: int, docs: list[tuple[str, str]]) -> None:
+            n, b = _write(scorer, tok, docs, cfg, max_pos, name, path / split / shard_name(shard))
+            stats.update(
+                tokens=stats["tokens"] + n, bytes=stats["bytes"] + b, shards=stats["shards"] + 1
+            )
+            bar.update(n)
+            tracker.log(
+                {**stats, "tokens_per_s": stats["tokens"] / max(time.time() - t0 - load_s, 1e-9)}
+            )
+
         for split, shards in todo.items():
+            # One pass over the split file; documents of shards this rank does not own
+            # (or that are already done) are skipped without tokenizing them.
             wanted = set(shards)
-            batch: list[tuple[str, str]] = []
+            docs: list[tuple[str, str]] = []
+            shard = 0
             for j, doc in enumerate(_read_docs(corpus_dir / split_file(split))):
-                shard = j // cfg.docs_per_shard
+                if j // cfg.docs_per_shard != shard:
+                    if docs:
+                        emit(split, shard, docs)
+                    docs, shard = [], j // cfg.docs_per_shard
                 if shard in wanted:
-                    batch.append(doc)
-                end = (j + 1) % cfg.docs_per_shard == 0
-                if batch and end:
-                    n, b = _write(
-                        scorer, tok, batch, cfg, max_pos, name, path / split / shard_name(shard)
-                    )
-                    tokens, bytes_ = tokens + n, bytes_ + b
-                    bar.update(n)
-                    tracker.log(
-                        {
-                            "tokens": tokens,
-                            "bytes": bytes_,
-                            "tokens_per_s": tokens / (time.time() - t0 - load_s),
-                        }
-                    )
-                    batch = []
-            if batch:
-                shard = j // cfg.docs_per_shard
-                n, b = _write(
-                    scorer, tok, batch, cfg, max_pos, name, path / split / shard_name(shard)
-                )
-                tokens, bytes_ = tokens + n, bytes_ + b
-                bar.update(n)
+                    docs.append(doc)
+            if docs:
+                emit(split, shard, docs)
+        tokens, bytes_ = stats["tokens"], stats["bytes"]
         secs = time.time() - t0 - load_s
         tracker.summary(
             {
                 "tokens": tokens,
                 "bytes": bytes_,
+                "shards": stats["shards"],
                 "seconds": round(secs, 2),
                 "load_seconds": round(load_s, 2),
                 "tokens_per_s": tokens / max(secs, 1e-9),
