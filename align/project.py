@@ -1,0 +1,71 @@
+"""Projection of a source top-k distribution onto target positions and vocabulary ids."""
+
+from __future__ import annotations
+
+import numpy as np
+
+NEG_INF = np.float32(-np.inf)
+
+
+def project(
+    src_topk_ids: np.ndarray,
+    src_topk_logprobs: np.ndarray,
+    id_map: np.ndarray,
+    src_pos: np.ndarray,
+    tgt_next_ids: np.ndarray,
+    k_out: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Map source distributions to target positions and vocabulary.
+
+    Args:
+        src_topk_ids: int ``[S, k]`` source vocabulary ids.
+        src_topk_logprobs: float ``[S, k]`` their log-probs (full-vocabulary softmax).
+        id_map: int32 ``[V_src]`` source id -> target id, -1 = unmapped (ids beyond the
+            map, e.g. padded embedding rows, are unmapped too).
+        src_pos: int ``[T]`` source position for each target position, -1 = none.
+        tgt_next_ids: int ``[T]`` the gold *next* target token (-1 at the last position).
+        k_out: entries kept per position (default ``k``).
+
+    Returns:
+        ``ids`` int32 ``[T, k_out]``, ``logprobs`` float32 ``[T, k_out]`` sorted by
+        probability, padded with id 0 / ``-inf``; ``aligned`` bool ``[T]``.
+
+    Source ids that map to the same target id merge their probability (sum, i.e.
+    logsumexp), unmapped ids drop theirs, so each row's total probability is <= 1. Where
+    nothing aligns (or all mass was unmapped) the row is a one-hot on the gold next token
+    (log-prob 0), or empty at the last position.
+    """
+    T = len(src_pos)
+    k = src_topk_ids.shape[1] if src_topk_ids.ndim == 2 else 0
+    k_out = k_out or max(k, 1)
+    ids = np.zeros((T, k_out), dtype=np.int32)
+    lps = np.full((T, k_out), NEG_INF, dtype=np.float32)
+    src_pos = np.asarray(src_pos, dtype=np.int64)
+    rows = np.flatnonzero(src_pos >= 0)
+    aligned = np.zeros(T, dtype=bool)
+    if len(rows) and k:
+        sid = src_topk_ids[src_pos[rows]].astype(np.int64)  # [R, k]
+        slp = src_topk_logprobs[src_pos[rows]].astype(np.float64)
+        ok = (sid >= 0) & (sid < len(id_map))
+        tid = np.where(ok, id_map[np.clip(sid, 0, len(id_map) - 1)], -1)
+        ok &= (tid >= 0) & np.isfinite(slp)
+        r_idx = np.broadcast_to(np.arange(len(rows))[:, None], sid.shape)[ok]
+        vocab = int(max(tid.max(initial=0), 0)) + 1
+        keys = r_idx * vocab + tid[ok]
+        uniq, inv = np.unique(keys, return_inverse=True)
+        prob = np.zeros(len(uniq))
+        np.add.at(prob, inv, np.exp(slp[ok]))
+        r_u, t_u = uniq // vocab, uniq % vocab
+        order = np.lexsort((-prob, r_u))  # by row, then most probable first
+        r_u, t_u, prob = r_u[order], t_u[order], prob[order]
+        first = np.searchsorted(r_u, r_u, side="left")
+        rank = np.arange(len(r_u)) - first
+        keep = rank < k_out
+        out_rows = rows[r_u[keep]]
+        ids[out_rows, rank[keep]] = t_u[keep].astype(np.int32)
+        lps[out_rows, rank[keep]] = np.log(np.minimum(prob[keep], 1.0)).astype(np.float32)
+        aligned[rows[np.unique(r_u)]] = True
+    fallback = ~aligned & (np.asarray(tgt_next_ids) >= 0)
+    ids[fallback, 0] = np.asarray(tgt_next_ids)[fallback]
+    lps[fallback, 0] = 0.0
+    return ids, lps, aligned

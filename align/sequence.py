@@ -1,0 +1,158 @@
+"""Sequence alignment of two tokenizations of the same text.
+
+Semantics (DESIGN.md): the distribution at position ``i`` predicts token ``i+1``, so a
+source distribution belongs at the target position whose *context ends at the same
+character*. With character offsets that is a merge of two sorted lists of boundaries:
+linear time (:func:`align_offsets`). The paper's MinED dynamic-programming alignment over
+token strings (:func:`align_dp`) is kept for tokenizers without offsets and as the
+reference in tests.
+
+Boundaries are normalised first: byte-level BPE splits a multi-byte character into
+several tokens that all carry the character's span, so only the *last* token of a run of
+equal ends closes a context; special tokens with a ``(0, 0)`` span take the end of what
+precedes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+NONE, ONE_ONE, MANY_ONE, ONE_MANY = 0, 1, 2, 3
+RELATIONS = {NONE: "none", ONE_ONE: "1:1", MANY_ONE: "many:1", ONE_MANY: "1:many"}
+
+
+@dataclass
+class Alignment:
+    """For each of the ``T`` target positions: the source position whose distribution
+    belongs there (``src_pos``, -1 = none) and the structural relation of the tokens."""
+
+    src_pos: np.ndarray  # int64 [T]
+    relation: np.ndarray  # int8 [T], codes in RELATIONS
+
+    @property
+    def aligned_fraction(self) -> float:
+        return float((self.src_pos >= 0).mean()) if len(self.src_pos) else 1.0
+
+    def counts(self) -> dict[str, int]:
+        return {name: int((self.relation == code).sum()) for code, name in RELATIONS.items()}
+
+
+def context_ends(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per token: the character where its context ends, and whether it closes a context.
+
+    ``offsets`` int ``[N, 2]``. A token closes a context unless the next token ends at the
+    same character (byte pieces of one character, or zero-width tokens).
+    """
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    ends = np.maximum.accumulate(offsets[:, 1]) if len(offsets) else np.zeros(0, np.int64)
+    closes = np.ones(len(ends), dtype=bool)
+    closes[:-1] = ends[1:] != ends[:-1]
+    return ends, closes
+
+
+def align_offsets(
+    src_offsets: np.ndarray, tgt_offsets: np.ndarray, strict: bool = False
+) -> Alignment:
+    """Offset-based alignment in O(S + T).
+
+    ``strict`` also requires the next tokens to cover the same text (same span), i.e. the
+    source distribution predicts exactly the target's next token string.
+    """
+    src_offsets = np.asarray(src_offsets, dtype=np.int64).reshape(-1, 2)
+    tgt_offsets = np.asarray(tgt_offsets, dtype=np.int64).reshape(-1, 2)
+    s_end, s_close = context_ends(src_offsets)
+    t_end, t_close = context_ends(tgt_offsets)
+    s_idx = np.flatnonzero(s_close)  # strictly increasing ends
+    s_valid_end = s_end[s_idx]
+    pos = np.searchsorted(s_valid_end, t_end)
+    pos_c = np.minimum(pos, max(len(s_idx) - 1, 0))
+    hit = (
+        t_close & (len(s_idx) > 0) & (s_valid_end[pos_c] == t_end)
+        if len(s_idx)
+        else np.zeros(len(t_end), bool)
+    )
+    src_pos = np.where(hit, s_idx[pos_c] if len(s_idx) else -1, -1).astype(np.int64)
+    if strict and len(src_pos):
+        nxt_t = np.vstack([tgt_offsets[1:], [[-1, -1]]])
+        sp = np.clip(src_pos + 1, 0, max(len(src_offsets) - 1, 0))
+        nxt_s = np.where(
+            (src_pos >= 0)[:, None] & (src_pos + 1 < len(src_offsets))[:, None],
+            src_offsets[sp] if len(src_offsets) else -2,
+            -2,
+        )
+        src_pos = np.where((nxt_s == nxt_t).all(1), src_pos, -1)
+    return Alignment(src_pos, _relations(s_end[s_close], t_end, t_close))
+
+
+def _relations(s_cuts: np.ndarray, t_end: np.ndarray, t_close: np.ndarray) -> np.ndarray:
+    """Relation of each target token to the source tokens over the same text."""
+    t_cuts_all = np.concatenate([[0], t_end])
+    rel = np.zeros(len(t_end), dtype=np.int8)
+    if not len(t_end):
+        return rel
+    start, end = t_cuts_all[:-1], t_end
+    s_cuts = np.concatenate([[0], s_cuts])
+    in_s = lambda x: np.isin(x, s_cuts)  # noqa: E731
+    lo = np.searchsorted(s_cuts, start, side="right")  # first source cut > start
+    hi = np.searchsorted(s_cuts, end, side="left")  # first source cut >= end
+    inner = hi - lo  # source cuts strictly inside the target token
+    both = in_s(start) & in_s(end) & t_close
+    rel[both & (inner == 0)] = ONE_ONE
+    rel[both & (inner > 0)] = MANY_ONE
+    rel[(inner == 0) & ~both & t_close & (end > start)] = ONE_MANY
+    return rel
+
+
+def align_dp(src_tokens: Sequence[str], tgt_tokens: Sequence[str]) -> Alignment:
+    """The paper's MinED alignment: DTW over token strings with Levenshtein cost.
+
+    The cost matrix comes from rapidfuzz; the recurrence runs over anti-diagonals
+    (vectorised), so time is O(S·T) but memory-bound in numpy, not Python. From the path:
+    a target token matched by one source token that matches only it is 1:1; several source
+    tokens on one target token is many:1 (the last of them closes the same context);
+    one source token over several target tokens is 1:many (it belongs to the last one).
+    """
+    from rapidfuzz.distance import Levenshtein
+    from rapidfuzz.process import cdist
+
+    S, T = len(src_tokens), len(tgt_tokens)
+    src_pos = np.full(T, -1, dtype=np.int64)
+    rel = np.zeros(T, dtype=np.int8)
+    if S == 0 or T == 0:
+        return Alignment(src_pos, rel)
+    cost = cdist(
+        list(src_tokens), list(tgt_tokens), scorer=Levenshtein.distance, dtype=np.int32, workers=-1
+    ).astype(np.float64)
+    D = np.full((S + 1, T + 1), np.inf)
+    D[0, 0] = 0.0
+    for d in range(2, S + T + 1):  # cells (i, j) with i + j = d, 1-based
+        i = np.arange(max(1, d - T), min(S, d - 1) + 1)
+        j = d - i
+        best = np.minimum(np.minimum(D[i - 1, j - 1], D[i - 1, j]), D[i, j - 1])
+        D[i, j] = cost[i - 1, j - 1] + best
+    # backtrack (ties: diagonal first, then source step, then target step)
+    path = []
+    i, j = S, T
+    while i > 0 and j > 0:
+        path.append((i - 1, j - 1))
+        moves = ((D[i - 1, j - 1], i - 1, j - 1), (D[i - 1, j], i - 1, j), (D[i, j - 1], i, j - 1))
+        _, i, j = min(moves, key=lambda m: m[0])
+    path.reverse()
+    by_t: dict[int, list[int]] = {}
+    by_s: dict[int, list[int]] = {}
+    for a, b in path:
+        by_t.setdefault(b, []).append(a)
+        by_s.setdefault(a, []).append(b)
+    for b, srcs in by_t.items():
+        if len(srcs) > 1:
+            src_pos[b], rel[b] = srcs[-1], MANY_ONE
+        elif len(by_s[srcs[0]]) == 1:
+            src_pos[b], rel[b] = srcs[0], ONE_ONE
+        else:
+            rel[b] = ONE_MANY
+            if by_s[srcs[0]][-1] == b:  # the source token's context closes at the last one
+                src_pos[b] = srcs[0]
+    return Alignment(src_pos, rel)
