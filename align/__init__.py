@@ -9,7 +9,7 @@ This package imports neither torch nor fusellm: alignment is pure string/array w
   one-hot fallback on the gold next token).
 """
 
-from align.project import project
+from align.project import merge_topk, project
 from align.sequence import Alignment, align_dp, align_offsets
 from align.vocab import canonicalize, detect_kind, exact_map, min_ed_map, vocab_map
 
@@ -20,6 +20,7 @@ __all__ = [
     "canonicalize",
     "detect_kind",
     "exact_map",
+    "merge_topk",
     "min_ed_map",
     "project",
     "vocab_map",

@@ -50,22 +50,42 @@ def project(
         tid = np.where(ok, id_map[np.clip(sid, 0, len(id_map) - 1)], -1)
         ok &= (tid >= 0) & np.isfinite(slp)
         r_idx = np.broadcast_to(np.arange(len(rows))[:, None], sid.shape)[ok]
-        vocab = int(max(tid.max(initial=0), 0)) + 1
-        keys = r_idx * vocab + tid[ok]
-        uniq, inv = np.unique(keys, return_inverse=True)
-        prob = np.zeros(len(uniq))
-        np.add.at(prob, inv, np.exp(slp[ok]))
-        r_u, t_u = uniq // vocab, uniq % vocab
-        order = np.lexsort((-prob, r_u))  # by row, then most probable first
-        r_u, t_u, prob = r_u[order], t_u[order], prob[order]
-        first = np.searchsorted(r_u, r_u, side="left")
-        rank = np.arange(len(r_u)) - first
-        keep = rank < k_out
-        out_rows = rows[r_u[keep]]
-        ids[out_rows, rank[keep]] = t_u[keep].astype(np.int32)
-        lps[out_rows, rank[keep]] = np.log(np.minimum(prob[keep], 1.0)).astype(np.float32)
-        aligned[rows[np.unique(r_u)]] = True
+        m_ids, m_lps, has = merge_topk(r_idx, tid[ok], np.exp(slp[ok]), len(rows), k_out)
+        ids[rows], lps[rows] = m_ids, m_lps
+        aligned[rows] = has
     fallback = ~aligned & (np.asarray(tgt_next_ids) >= 0)
     ids[fallback, 0] = np.asarray(tgt_next_ids)[fallback]
     lps[fallback, 0] = 0.0
     return ids, lps, aligned
+
+
+def merge_topk(
+    row: np.ndarray, ids: np.ndarray, prob: np.ndarray, n_rows: int, k_out: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sum the probabilities of equal ids within each row; keep each row's ``k_out`` most
+    probable, sorted.
+
+    Args: flat ``row`` (int, row index), ``ids`` (int, >= 0) and ``prob`` (float) entries.
+    Returns: ``ids`` int32 ``[n_rows, k_out]``, ``logprobs`` float32 (padding: id 0,
+    ``-inf``) and ``has`` bool ``[n_rows]`` (the row received any entry). Vectorised:
+    one ``unique`` over ``row * V + id`` keys and one ``lexsort``.
+    """
+    out_ids = np.zeros((n_rows, k_out), dtype=np.int32)
+    out_lps = np.full((n_rows, k_out), NEG_INF, dtype=np.float32)
+    has = np.zeros(n_rows, dtype=bool)
+    if len(ids) == 0:
+        return out_ids, out_lps, has
+    vocab = int(ids.max()) + 1
+    uniq, inv = np.unique(row.astype(np.int64) * vocab + ids.astype(np.int64), return_inverse=True)
+    total = np.zeros(len(uniq))
+    np.add.at(total, inv, prob)
+    r_u, t_u = uniq // vocab, uniq % vocab
+    order = np.lexsort((-total, r_u))  # by row, then most probable first
+    r_u, t_u, total = r_u[order], t_u[order], total[order]
+    rank = np.arange(len(r_u)) - np.searchsorted(r_u, r_u, side="left")
+    keep = rank < k_out
+    out_ids[r_u[keep], rank[keep]] = t_u[keep]
+    with np.errstate(divide="ignore"):
+        out_lps[r_u[keep], rank[keep]] = np.log(np.minimum(total[keep], 1.0))
+    has[np.unique(r_u)] = True
+    return out_ids, out_lps, has

@@ -53,47 +53,85 @@ def context_ends(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ends, closes
 
 
-def align_offsets(
-    src_offsets: np.ndarray, tgt_offsets: np.ndarray, strict: bool = False
-) -> Alignment:
-    """Offset-based alignment in O(S + T).
+def _context_keys(
+    offsets: np.ndarray, nbytes: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per token: a key identifying where its context ends, whether it closes a character
+    boundary, and its context end in characters.
 
-    ``strict`` also requires the next tokens to cover the same text (same span), i.e. the
-    source distribution predicts exactly the target's next token string.
+    Closing tokens have key ``(end, 0)``. With per-token byte lengths, a byte piece inside
+    a character gets ``(end, bytes still to come before the character closes)``: two byte
+    pieces whose contexts end at the same byte of the same character get equal keys.
+    Without byte lengths, byte pieces get no key (-1).
+    """
+    ends, closes = context_ends(offsets)
+    n = len(ends)
+    key = np.full(n, -1, dtype=np.int64)
+    if not n:
+        return key, closes, ends
+    shift = np.int64(1 << 20)  # bytes remaining in a run stay far below 2**20
+    key[closes] = ends[closes] * shift
+    if nbytes is not None and not closes.all():
+        closer_idx = np.flatnonzero(closes)
+        closer = closer_idx[np.searchsorted(closer_idx, np.arange(n))]
+        cs = np.cumsum(np.asarray(nbytes, dtype=np.int64))
+        remaining = cs[closer] - cs
+        part = ~closes
+        key[part] = ends[part] * shift + remaining[part]
+    return key, closes, ends
+
+
+def align_offsets(
+    src_offsets: np.ndarray,
+    tgt_offsets: np.ndarray,
+    strict: bool = False,
+    src_nbytes: np.ndarray | None = None,
+    tgt_nbytes: np.ndarray | None = None,
+) -> Alignment:
+    """Offset-based alignment in O((S + T) log S).
+
+    ``src_nbytes``/``tgt_nbytes`` (bytes each token contributes, from the canonical
+    vocabulary) also align byte pieces of multi-byte characters whose contexts end at the
+    same byte. ``strict`` also requires the next tokens to cover the same text (same
+    span), i.e. the source predicts exactly the target's next token string.
     """
     src_offsets = np.asarray(src_offsets, dtype=np.int64).reshape(-1, 2)
     tgt_offsets = np.asarray(tgt_offsets, dtype=np.int64).reshape(-1, 2)
-    s_end, s_close = context_ends(src_offsets)
-    t_end, t_close = context_ends(tgt_offsets)
-    s_idx = np.flatnonzero(s_close)  # strictly increasing ends
-    s_valid_end = s_end[s_idx]
-    pos = np.searchsorted(s_valid_end, t_end)
-    pos_c = np.minimum(pos, max(len(s_idx) - 1, 0))
-    hit = (
-        t_close & (len(s_idx) > 0) & (s_valid_end[pos_c] == t_end)
-        if len(s_idx)
-        else np.zeros(len(t_end), bool)
-    )
-    src_pos = np.where(hit, s_idx[pos_c] if len(s_idx) else -1, -1).astype(np.int64)
+    both = src_nbytes is not None and tgt_nbytes is not None
+    s_key, s_close, s_end = _context_keys(src_offsets, src_nbytes if both else None)
+    t_key, t_close, t_end = _context_keys(tgt_offsets, tgt_nbytes if both else None)
+    src_pos = np.full(len(t_key), -1, dtype=np.int64)
+    valid = np.flatnonzero(s_key >= 0)
+    if len(valid) and len(t_key):
+        order = valid[np.argsort(s_key[valid], kind="stable")]
+        sk = s_key[order]
+        # the last source token with a key (zero-width tokens can repeat one)
+        pos = np.searchsorted(sk, t_key, side="right") - 1
+        ok = (t_key >= 0) & (pos >= 0)
+        ok[ok] &= sk[pos[ok]] == t_key[ok]
+        src_pos[ok] = order[pos[ok]]
     if strict and len(src_pos):
         nxt_t = np.vstack([tgt_offsets[1:], [[-1, -1]]])
-        sp = np.clip(src_pos + 1, 0, max(len(src_offsets) - 1, 0))
-        nxt_s = np.where(
-            (src_pos >= 0)[:, None] & (src_pos + 1 < len(src_offsets))[:, None],
-            src_offsets[sp] if len(src_offsets) else -2,
-            -2,
-        )
+        has = (src_pos >= 0) & (src_pos + 1 < len(src_offsets))
+        nxt_s = np.full_like(nxt_t, -2)
+        nxt_s[has] = src_offsets[src_pos[has] + 1]
         src_pos = np.where((nxt_s == nxt_t).all(1), src_pos, -1)
-    return Alignment(src_pos, _relations(s_end[s_close], t_end, t_close))
+    rel = _relations(s_end[s_close], t_end, t_close)
+    rel[(~t_close) & (src_pos >= 0)] = ONE_ONE  # byte pieces ending at the same byte
+    return Alignment(src_pos, rel)
 
 
 def _relations(s_cuts: np.ndarray, t_end: np.ndarray, t_close: np.ndarray) -> np.ndarray:
     """Relation of each target token to the source tokens over the same text."""
-    t_cuts_all = np.concatenate([[0], t_end])
     rel = np.zeros(len(t_end), dtype=np.int8)
     if not len(t_end):
         return rel
-    start, end = t_cuts_all[:-1], t_end
+    # A closing token's segment starts at the previous closing token's end (byte pieces
+    # before it belong to the same character).
+    closing_ends = t_end[t_close]
+    start = np.zeros(len(t_end), dtype=np.int64)
+    start[t_close] = np.concatenate([[0], closing_ends[:-1]])
+    end = t_end
     s_cuts = np.concatenate([[0], s_cuts])
     in_s = lambda x: np.isin(x, s_cuts)  # noqa: E731
     lo = np.searchsorted(s_cuts, start, side="right")  # first source cut > start

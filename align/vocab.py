@@ -9,8 +9,9 @@ kinds compare in one space:
 * anything else: the token's UTF-8.
 
 The kind is detected from the vocabulary itself (never from a class name or a path).
-Special tokens and ids without a token (padded embedding rows) canonicalise to ``None``
-and never map. For rapidfuzz the bytes are viewed as Latin-1 strings (one char per byte).
+Special tokens canonicalise to ``SPECIAL + literal`` and map only to the same literal
+special token (never by edit distance); ids without a token (padded embedding rows)
+canonicalise to ``None`` and never map. For rapidfuzz the bytes are viewed as Latin-1 strings (one char per byte).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+SPECIAL = b"\x00special:"
+"""Prefix of special tokens' canonical form: they map only to the same literal special."""
 
 
 @lru_cache(maxsize=1)
@@ -70,8 +73,10 @@ def canonicalize(
     dec = byte_decoder()
     out: list[bytes | None] = []
     for i, t in enumerate(tokens):
-        if t is None or i in special:
+        if t is None:
             out.append(None)
+        elif i in special:
+            out.append(SPECIAL + t.encode())
         elif kind == "bytelevel":
             out.append(b"".join(bytes([dec[c]]) if c in dec else c.encode() for c in t))
         elif kind == "sentencepiece":
@@ -113,11 +118,17 @@ def min_ed_map(
     from rapidfuzz.process import cdist
 
     out = exact_map(src, tgt)
-    cand = np.array([j for j, c in enumerate(tgt) if c is not None], dtype=np.int64)
+    # Specials only map exactly (done above); they are never edit-distance candidates.
+    cand = np.array(
+        [j for j, c in enumerate(tgt) if c is not None and not c.startswith(SPECIAL)],
+        dtype=np.int64,
+    )
     if len(cand) == 0:
         return np.full(len(src), -1, dtype=np.int32)
     choices = [tgt[j].decode("latin-1") for j in cand]
-    todo = [i for i, c in enumerate(src) if c is not None and out[i] < 0]
+    todo = [
+        i for i, c in enumerate(src) if c is not None and out[i] < 0 and not c.startswith(SPECIAL)
+    ]
     for a in range(0, len(todo), chunk):
         rows = todo[a : a + chunk]
         queries = [src[i].decode("latin-1") for i in rows]
@@ -142,7 +153,7 @@ def vocab_map(
     path = None
     if cache_dir is not None:
         key = hashlib.sha256(
-            f"{vocab_hash(src)}:{vocab_hash(tgt)}:{method}:v1".encode()
+            f"{vocab_hash(src)}:{vocab_hash(tgt)}:{method}:v2".encode()
         ).hexdigest()[:32]
         path = Path(cache_dir) / f"vocab-map-{method}-{key}.npy"
         if path.exists():

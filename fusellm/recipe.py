@@ -26,8 +26,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fusellm.align.config import AlignConfig
 from fusellm.corpus.config import CorpusConfig
 from fusellm.extract.config import ExtractConfig
+from fusellm.fuse.config import FuseConfig
 
 
 class RecipeError(ValueError):
@@ -85,8 +87,8 @@ class Recipe(StrictModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     corpus: CorpusConfig | None = None
     extract: ExtractConfig | None = None
-    align: OpaqueSection | None = None
-    fuse: OpaqueSection | None = None
+    align: AlignConfig | None = None
+    fuse: FuseConfig | None = None
     train: OpaqueSection | None = None
     merge: OpaqueSection | None = None
     evolve: OpaqueSection | None = None
@@ -105,6 +107,7 @@ class Recipe(StrictModel):
         lists = {
             "corpus.fit_models": self.corpus.fit_models if self.corpus else None,
             "extract.models": self.extract.models if self.extract else None,
+            "fuse.sources": self.fuse.sources if self.fuse else None,
         }
         for key, names in lists.items():
             for i, m in enumerate(names or []):

@@ -16,7 +16,12 @@ tensor             dtype / shape                meaning
                                                 vocabulary, so tail mass = 1 − Σ exp)
 ``ce``             fp32 ``[T]``                 −log p(gold next token); NaN at the last
                                                 token of each document (nothing follows)
+``aligned``        uint8 ``[T]`` (optional)     align/fuse: 1 = a real distribution, 0 = the
+                                                one-hot fallback on the gold next token
+``doc_ce``         fp32 ``[D]`` (optional)      align: the source's sequence CE per document
 =================  ===========================  ===========================================
+
+Padding entries of a top-k row (fewer than k after merging) have id 0 and log-prob −inf.
 
 ``w`` is the smallest byte width holding the model's vocabulary (2 up to 65,536 ids, 3 up
 to 16.7 M, else 4): at k = 10 that is 52 B/token for a 49k vocabulary and 63 B/token for
@@ -78,10 +83,14 @@ class DocDist:
     topk_ids: np.ndarray  # int32 [T, k]
     topk_logprobs: torch.Tensor  # fp16/bf16/fp32 [T, k]
     ce: np.ndarray  # float32 [T], NaN at the last position
+    aligned: np.ndarray | None = None  # bool [T]: a real (not fallback) distribution (align/fuse)
+    doc_ce: float | None = None  # sequence CE of the model the row came from (align)
 
     @property
     def seq_ce(self) -> float:
         """Mean CE over positions that have a next token (the sequence CE of MinCE)."""
+        if self.doc_ce is not None:
+            return self.doc_ce
         v = self.ce[:-1]
         return float(v.mean()) if len(v) else float("nan")
 
@@ -107,6 +116,12 @@ def encode_shard(docs: list[DocDist], vocab_size: int, meta: dict[str, str]) -> 
         "topk_logprobs": torch.cat([d.topk_logprobs for d in docs]) if docs else torch.zeros(0, k),
         "ce": torch.from_numpy(cat([d.ce for d in docs]).astype(np.float32)),
     }
+    if docs and all(d.aligned is not None for d in docs):
+        tensors["aligned"] = torch.from_numpy(
+            np.concatenate([d.aligned for d in docs]).astype(np.uint8)
+        )
+    if docs and all(d.doc_ce is not None for d in docs):
+        tensors["doc_ce"] = torch.tensor([d.doc_ce for d in docs], dtype=torch.float32)
     metadata = {
         "format": FORMAT,
         "vocab_size": str(vocab_size),
@@ -140,9 +155,22 @@ def decode_shard(data: bytes) -> tuple[list[DocDist], dict[str, str]]:
     topk = unpack_ids(t["topk_ids"].numpy())
     lp = t["topk_logprobs"]
     ce = t["ce"].numpy()
+    aligned = t["aligned"].numpy().astype(bool) if "aligned" in t else None
+    doc_ce = t["doc_ce"].tolist() if "doc_ce" in t else None
     docs = [
-        DocDist(doc_id, ids[a:b], offsets[a:b], topk[a:b], lp[a:b], ce[a:b])
-        for doc_id, a, b in zip(json.loads(meta["doc_ids"]), bounds[:-1], bounds[1:], strict=True)
+        DocDist(
+            doc_id,
+            ids[a:b],
+            offsets[a:b],
+            topk[a:b],
+            lp[a:b],
+            ce[a:b],
+            aligned[a:b] if aligned is not None else None,
+            doc_ce[n] if doc_ce is not None else None,
+        )
+        for n, (doc_id, a, b) in enumerate(
+            zip(json.loads(meta["doc_ids"]), bounds[:-1], bounds[1:], strict=True)
+        )
     ]
     return docs, meta
 
@@ -156,10 +184,13 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
-def write_shard(path: Path, data: bytes, docs: int, tokens: int) -> dict:
-    """Atomically write a shard, then its sidecar; returns the sidecar record."""
+def write_shard(path: Path, data: bytes, docs: int, tokens: int, extra: dict | None = None) -> dict:
+    """Atomically write a shard, then its sidecar; returns the sidecar record.
+
+    ``extra`` keys (prefixed ``x_``) are per-shard statistics that the manifest sums."""
     atomic_write_bytes(path, data)
     rec = {"sha256": sha256_file(path), "bytes": len(data), "docs": docs, "tokens": tokens}
+    rec.update({f"x_{k}": v for k, v in (extra or {}).items()})
     atomic_write_json(sidecar(path), rec)
     return rec
 

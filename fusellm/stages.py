@@ -47,10 +47,15 @@ STAGES: dict[str, Stage] = {
         Stage(
             "align",
             "map source distributions onto the target's tokens and vocabulary (MinED/EM)",
-            None,
+            "fusellm.align.runner:run",
             4,
         ),
-        Stage("fuse", "fuse aligned distributions per sequence/token (MinCE, AvgCE)", None, 4),
+        Stage(
+            "fuse",
+            "fuse aligned distributions per sequence/token (MinCE, AvgCE)",
+            "fusellm.fuse.runner:run",
+            4,
+        ),
         Stage("train", "continue training the target on λ·CLM + (1−λ)·fusion loss", None, 5),
         Stage("merge", "weight-merge same-architecture models with mergekit (baseline)", None, 6),
         Stage("evolve", "CMA-ES search over merge recipes (baseline)", None, 6),

@@ -94,6 +94,24 @@ class Tracker:
         self.finish(failed=exc_type is not None)
 
 
-def start_run(recipe: Recipe, stage: str, config: dict[str, Any]) -> Tracker:
-    """Start tracking ``stage``; use as a context manager so the run always finishes."""
-    return Tracker(recipe, stage, config)
+class NullTracker:
+    """Stands in for :class:`Tracker` on ranks other than 0 (one W&B run per stage)."""
+
+    def log(self, *args: Any, **kwargs: Any) -> None: ...
+    def log_table(self, *args: Any, **kwargs: Any) -> None: ...
+    def summary(self, *args: Any, **kwargs: Any) -> None: ...
+    def finish(self, failed: bool = False) -> None: ...
+
+    def __enter__(self) -> NullTracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None: ...
+
+
+def start_run(
+    recipe: Recipe, stage: str, config: dict[str, Any], enabled: bool = True
+) -> Tracker | NullTracker:
+    """Start tracking ``stage``; use as a context manager so the run always finishes.
+
+    ``enabled=False`` (e.g. ranks other than 0) returns a tracker that records nothing."""
+    return Tracker(recipe, stage, config) if enabled else NullTracker()

@@ -177,3 +177,39 @@ corpus:
   block_size: 32
 """
     return write_recipe(tmp_path / "tiny.yaml", body)
+
+
+@pytest.fixture()
+def ext_recipe(tmp_path, tiny_models) -> Path:
+    """Four tiny models of different families over a small corpus, extract configured."""
+    import json
+
+    data = tmp_path / "data.jsonl"
+    docs = [t * (1 + i % 3) for i, t in enumerate(TEXT[:40])] + [
+        a for a in ADVERSARIAL if a.strip()
+    ]
+    with open(data, "w", encoding="utf-8") as f:
+        for i, t in enumerate(docs):
+            f.write(json.dumps({"id": f"d{i}", "text": t}) + "\n")
+    models = "\n".join(f"  {n}: {{path: {p}}}" for n, p in tiny_models.items())
+    body = f"""
+name: ext
+run_dir: {tmp_path / "run"}
+models:
+{models}
+target: llama_bpe
+sources: [llama_bpe, neox_unigram, gpt2_wordpiece, mpt_bpe]
+tracking: {{backend: none}}
+corpus:
+  inputs: [{{path: {data}, id_field: id}}]
+  valid_fraction: 0.1
+  test_fraction: 0.1
+  block_size: 48
+extract:
+  top_k: 10
+  docs_per_shard: 4
+  batch_tokens: 128
+  max_batch_size: 4
+  head_chunk_tokens: 50
+"""
+    return write_recipe(tmp_path / "ext.yaml", body)

@@ -82,7 +82,17 @@ def test_sentencepiece_canonical_bytes_reassemble_text(toks):
 
 
 def test_byte_fallback_and_specials():
-    assert canonicalize(["<0x0A>", "▁a", "<s>"], {2}, kind="sentencepiece") == [b"\n", b" a", None]
+    assert canonicalize(["<0x0A>", "▁a", "<s>", None], {2}, kind="sentencepiece") == [
+        b"\n",
+        b" a",
+        b"\x00special:<s>",
+        None,
+    ]
+    src, tgt = (
+        [b"\x00special:</s>", b"\x00special:<eos>", b" a"],
+        [b" a", b"\x00special:</s>", b" b"],
+    )
+    assert min_ed_map(src, tgt).tolist() == [1, -1, 0]  # specials only map to the same literal
     assert canonicalize(["##ing", "run"], kind="wordpiece") == [b"ing", b" run"]
     assert canonicalize(["Ġhi", "Ċ"], kind="bytelevel") == [b" hi", b"\n"]
 
@@ -105,10 +115,14 @@ def test_identical_tokenizers_identity_map_and_all_one_to_one(toks):
 def test_min_ed_matches_brute_force_with_smallest_id_ties(toks):
     src, tgt = canon(toks["neox_unigram"]), canon(toks["llama_bpe"])
     m = min_ed_map(src, tgt, chunk=17)
-    tgt_s = [(j, x.decode("latin-1")) for j, x in enumerate(tgt) if x is not None]
+    tgt_s = [
+        (j, x.decode("latin-1"))
+        for j, x in enumerate(tgt)
+        if x is not None and not x.startswith(b"\x00")
+    ]
     for i in range(0, len(src), 7):
-        if src[i] is None:
-            assert m[i] == -1
+        if src[i] is None or src[i].startswith(b"\x00special:"):
+            assert m[i] == -1 or tgt[m[i]] == src[i]
             continue
         q = src[i].decode("latin-1")
         d = [(lev(q, s), j) for j, s in tgt_s]

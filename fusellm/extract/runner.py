@@ -16,10 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,39 +28,15 @@ from fusellm.corpus.runner import STAGE as CORPUS_STAGE
 from fusellm.corpus.runner import split_file
 from fusellm.extract.config import CONTENT_FIELDS, ExtractConfig
 from fusellm.extract.core import TopKScorer, pad_batch, plan_batches
-from fusellm.manifest import (
-    FINGERPRINT,
-    MANIFEST,
-    StageInputsChanged,
-    diff_fields,
-    load_manifest,
-    package_versions,
-)
+from fusellm.manifest import load_manifest
 from fusellm.models import load_model, load_tokenizer, locate, tokenizer_fingerprint
-from fusellm.recipe import Recipe, redact
-from fusellm.shards import DocDist, encode_shard, shard_name, shard_problem, sidecar, write_shard
-from fusellm.storage import atomic_write_json, read_json, remove_temp_files
+from fusellm.recipe import Recipe
+from fusellm.sharded import Rank, finish_if_complete, pending_shards, prepare_dir, shard_paths
+from fusellm.shards import DocDist, encode_shard, shard_name, write_shard
 from fusellm.tracking import start_run
 
 log = logging.getLogger(__name__)
 STAGE = "extract"
-
-
-@dataclass(frozen=True)
-class Rank:
-    rank: int
-    world: int
-    local: int
-
-    @classmethod
-    def from_env(cls) -> Rank:
-        env = os.environ
-        return cls(
-            int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
-        )
-
-    def owns(self, shard: int) -> bool:
-        return shard % self.world == self.rank
 
 
 def model_dir(recipe: Recipe, name: str) -> Path:
@@ -76,12 +50,7 @@ def model_shards(recipe: Recipe, name: str, split: str) -> list[Path]:
     """
     path = model_dir(recipe, name)
     man = load_manifest(path, f"extract (model '{name}')")
-    n = man["stats"]["shards"].get(split)
-    if n is None:
-        raise FileNotFoundError(
-            f"extract[{name}]: split '{split}' was not extracted (extract.splits)"
-        )
-    return [path / split / shard_name(i) for i in range(n)]
+    return shard_paths(path, man, split, f"extract[{name}]")
 
 
 def _device(cfg: ExtractConfig, rank: Rank) -> str:
@@ -109,28 +78,6 @@ def _read_docs(path: Path) -> Iterator[tuple[str, str]]:
 def _count_lines(path: Path) -> int:
     with open(path, "rb") as f:
         return sum(1 for _ in f)
-
-
-def _prepare(path: Path, fingerprint: dict, force: bool, rank: Rank, name: str) -> None:
-    """Check the recorded fingerprint; clear this rank's shards when forced or stale."""
-    path.mkdir(parents=True, exist_ok=True)
-    fp_file = path / FINGERPRINT
-    old = read_json(fp_file) if fp_file.exists() else None
-    mine = [p for p in path.glob("*/shard-*.safetensors") if rank.owns(int(p.name[6:11]))]
-    if old is not None and old != fingerprint and not force and any(path.glob("*/shard-*")):
-        fields = ", ".join(diff_fields(old, fingerprint)[:5])
-        raise StageInputsChanged(
-            f"extract[{name}]: {path} holds shards made from different inputs or config "
-            f"(differs: {fields}). Pass --force to recompute, or use another run_dir."
-        )
-    if force or (old is not None and old != fingerprint):
-        for p in mine:
-            p.unlink(missing_ok=True)
-            sidecar(p).unlink(missing_ok=True)
-        if rank.rank == 0:
-            (path / MANIFEST).unlink(missing_ok=True)
-    remove_temp_files(path)
-    atomic_write_json(fp_file, fingerprint)
 
 
 def extract_shard(
@@ -209,29 +156,20 @@ def _run_model(recipe, cfg, name, corpus, corpus_dir, rank, force) -> dict | Non
         "tokenizer": tokenizer_fingerprint(tok),
     }
     path = model_dir(recipe, name)
-    _prepare(path, fingerprint, force, rank, name)
+    prepare_dir(path, fingerprint, force, rank, f"extract[{name}]")
     plan = {
         s: math.ceil(corpus["files"][split_file(s)]["rows"] / cfg.docs_per_shard)
         for s in cfg.splits
     }
-    todo = {}
-    for split, n in plan.items():
-        for i in range(n):
-            if not rank.owns(i):
-                continue
-            p = path / split / shard_name(i)
-            problem = shard_problem(p)
-            if problem and p.exists() and sidecar(p).exists():
-                log.warning("extract[%s]: %s; recomputing it", name, problem)
-            if problem:
-                todo.setdefault(split, []).append(i)
+    todo = pending_shards(path, plan, rank, f"extract[{name}]")
     n_todo = sum(len(v) for v in todo.values())
     if n_todo:
-        (path / MANIFEST).unlink(missing_ok=True)
         _compute(recipe, cfg, name, spec, tok, corpus_dir, todo, path, rank, fingerprint)
     else:
         log.info("extract[%s]: all shards of rank %d/%d are complete", name, rank.rank, rank.world)
-    return _finish_if_complete(path, plan, fingerprint, cfg, name)
+    return finish_if_complete(
+        path, plan, fingerprint, cfg.model_dump(mode="json"), f"extract[{name}]"
+    )
 
 
 def _compute(recipe, cfg, name, spec, tok, corpus_dir, todo, path, rank, fingerprint) -> None:
@@ -253,9 +191,7 @@ def _compute(recipe, cfg, name, spec, tok, corpus_dir, todo, path, rank, fingerp
     )
     tracker_cfg = {"model": name, **cfg.model_dump(mode="json"), "fingerprint": fingerprint}
     with (
-        start_run(recipe, f"{STAGE}/{name}", tracker_cfg)
-        if rank.rank == 0
-        else _NoTrack() as tracker,
+        start_run(recipe, f"{STAGE}/{name}", tracker_cfg, enabled=rank.rank == 0) as tracker,
         tqdm(desc=f"extract {name}", unit="tok", disable=rank.rank != 0) as bar,
     ):
         load_s = time.time() - t0
@@ -307,66 +243,3 @@ def _write(scorer, tok, docs, cfg, max_pos, name, path: Path) -> tuple[int, int]
     n = sum(len(d.input_ids) for d in dists)
     write_shard(path, data, len(dists), n)
     return n, len(data)
-
-
-def _finish_if_complete(
-    path: Path, plan: dict[str, int], fingerprint: dict, cfg: ExtractConfig, name: str
-) -> dict | None:
-    files, tokens, docs, nbytes = {}, 0, 0, 0
-    for split, n in plan.items():
-        for i in range(n):
-            p = path / split / shard_name(i)
-            # Each rank has just verified its own shards' sha256; here a size check against
-            # the sidecar is enough to know whether the other ranks are done.
-            sc = sidecar(p)
-            rec = read_json(sc) if sc.exists() else None
-            if rec is None or not p.exists() or p.stat().st_size != rec["bytes"]:
-                log.info("extract[%s]: %s not finished yet (another rank's share?)", name, p)
-                return None
-            files[f"{split}/{shard_name(i)}"] = {
-                "sha256": rec["sha256"],
-                "bytes": rec["bytes"],
-                "rows": rec["docs"],
-                "tokens": rec["tokens"],
-            }
-            tokens, docs, nbytes = tokens + rec["tokens"], docs + rec["docs"], nbytes + rec["bytes"]
-    man_path = path / MANIFEST
-    if (
-        man_path.exists()
-        and read_json(man_path).get("fingerprint") == fingerprint
-        and read_json(man_path).get("files") == files
-    ):
-        return read_json(man_path)
-    manifest = {
-        "stage": f"{STAGE}/{name}",
-        "fingerprint": fingerprint,
-        "config": redact(cfg.model_dump(mode="json")),
-        "files": files,
-        "stats": {
-            "tokens": tokens,
-            "documents": docs,
-            "bytes": nbytes,
-            "bytes_per_token": nbytes / max(tokens, 1),
-            "shards": {s: n for s, n in plan.items()},
-        },
-        "versions": package_versions(),
-        "complete": True,
-    }
-    atomic_write_json(man_path, manifest)
-    log.info(
-        "extract[%s]: complete: %d tokens in %d documents, %.1f B/token",
-        name,
-        tokens,
-        docs,
-        nbytes / max(tokens, 1),
-    )
-    return manifest
-
-
-class _NoTrack:
-    def log(self, *a, **k) -> None: ...
-    def summary(self, *a, **k) -> None: ...
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a) -> None: ...

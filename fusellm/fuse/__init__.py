@@ -1,0 +1,1 @@
+"""Fuse stage: combine the aligned distributions of several sources per sequence or token."""

@@ -1,0 +1,163 @@
+"""``fusellm fuse``: one fused top-k distribution per target position.
+
+Candidates per document: the target's own extraction (when the target is a source) and
+each other source's aligned shards. Writes ``run_dir/fuse/<split>/shard-*`` in the shard
+format (target tokens, fused ids/log-probs, ``aligned`` = not a fallback) and records in
+the manifest how much weight each source received. Adding a source later means
+extracting and aligning only that source, then re-running fuse (with ``--force``, since
+the fused output changes).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fusellm.align.runner import STAGE as ALIGN
+from fusellm.extract.runner import STAGE as EXTRACT
+from fusellm.fuse.core import Candidate, FuseParams, fuse
+from fusellm.manifest import load_manifest
+from fusellm.recipe import Recipe, config_hash
+from fusellm.sharded import Rank, finish_if_complete, pending_shards, prepare_dir
+from fusellm.shards import DocDist, encode_shard, read_shard, shard_name, write_shard
+from fusellm.storage import read_json
+from fusellm.tracking import start_run
+
+log = logging.getLogger(__name__)
+STAGE = "fuse"
+
+
+def candidate(d: DocDist) -> Candidate:
+    """A shard document as a fusion candidate (extraction shards: aligned everywhere)."""
+    aligned = d.aligned if d.aligned is not None else np.ones(len(d.input_ids), dtype=bool)
+    return Candidate(d.topk_ids, d.topk_logprobs.float().numpy(), aligned, d.ce, d.seq_ce)
+
+
+def _inputs(recipe: Recipe, sources: list[str]) -> dict:
+    """Directory and complete manifest of each source's candidate shards."""
+    out = {}
+    for s in sources:
+        if s == recipe.target:
+            d = recipe.stage_dir(EXTRACT) / s
+            out[s] = (d, load_manifest(d, f"extract (model '{s}')"))
+        else:
+            d = recipe.stage_dir(ALIGN) / s
+            out[s] = (d, load_manifest(d, f"align (source '{s}')"))
+    return out
+
+
+def run(recipe: Recipe, force: bool = False) -> dict | None:
+    cfg = recipe.fuse
+    if cfg is None:
+        raise ValueError("the recipe has no 'fuse:' section")
+    rank = Rank.from_env()
+    sources = cfg.sources or recipe.sources
+    inputs = _inputs(recipe, sources)
+    t_dir = recipe.stage_dir(EXTRACT) / recipe.target
+    t_man = load_manifest(t_dir, f"extract (model '{recipe.target}')")
+    plan = dict(t_man["stats"]["shards"])
+    for s, (_, man) in inputs.items():
+        if man["stats"]["shards"] != plan:
+            raise ValueError(
+                f"fuse: shards of '{s}' {man['stats']['shards']} differ from the target's {plan}"
+            )
+    k_out = cfg.top_k or recipe.extract.top_k
+    params = FuseParams(cfg.level, cfg.temperature, k_out)
+    fingerprint = {
+        "config": cfg.model_dump(mode="json") | {"sources": sources, "top_k": k_out},
+        "inputs": {s: config_hash(man["files"]) for s, (_, man) in inputs.items()},
+        "target": config_hash(t_man["files"]),
+    }
+    path = recipe.stage_dir(STAGE)
+    prepare_dir(path, fingerprint, force, rank, STAGE)
+    todo = pending_shards(path, plan, rank, STAGE)
+    if todo:
+        _compute(recipe, cfg, sources, inputs, t_dir, path, todo, params, fingerprint, rank)
+
+    def stats() -> dict:
+        recs = [
+            read_json(p)
+            for split in plan
+            for p in sorted((path / split).glob("shard-*.safetensors.json"))
+        ]
+        docs = max(sum(r["docs"] for r in recs), 1)
+        tokens = max(sum(r["tokens"] for r in recs), 1)
+        return {
+            "method": cfg.method,
+            "level": cfg.level,
+            "source_weight": {s: sum(r.get(f"x_w_{s}", 0.0) for r in recs) / docs for s in sources},
+            "fused_fraction": sum(r.get("x_aligned", 0) for r in recs) / tokens,
+        }
+
+    man = finish_if_complete(path, plan, fingerprint, cfg.model_dump(mode="json"), STAGE, stats)
+    if man:
+        log.info(
+            "fuse: %s/%s, source weights %s", cfg.method, cfg.level, man["stats"]["source_weight"]
+        )
+    return man
+
+
+def _compute(recipe, cfg, sources, inputs, t_dir, path, todo, params, fingerprint, rank) -> None:
+    t0 = time.time()
+    with (
+        start_run(recipe, STAGE, fingerprint, enabled=rank.rank == 0) as tracker,
+        tqdm(desc="fuse", unit="tok", disable=rank.rank != 0) as bar,
+    ):
+        total = 0
+        for split, shards in todo.items():
+            for i in shards:
+                t_docs, meta = read_shard(t_dir / split / shard_name(i))
+                per_source = [read_shard(inputs[s][0] / split / shard_name(i))[0] for s in sources]
+                out, weights, n_al = [], np.zeros(len(sources)), 0
+                for j, td in enumerate(t_docs):
+                    cands = []
+                    for s, docs in zip(sources, per_source, strict=True):
+                        if docs[j].doc_id != td.doc_id:
+                            raise ValueError(
+                                f"fuse: shard {split}/{i} of '{s}' holds other documents than the target's"
+                            )
+                        cands.append(candidate(docs[j]))
+                    if len(td.input_ids) == 0:
+                        out.append(td)
+                        continue
+                    ids, lps, aligned, w = fuse(cfg.method, cands, params)
+                    weights += w
+                    n_al += int(aligned.sum())
+                    out.append(
+                        DocDist(
+                            td.doc_id,
+                            td.input_ids,
+                            td.offsets,
+                            ids,
+                            _torch_like(lps, td),
+                            td.ce,
+                            aligned,
+                        )
+                    )
+                n = sum(len(d.input_ids) for d in out)
+                data = encode_shard(
+                    out, int(meta["vocab_size"]), {"method": cfg.method, "level": cfg.level}
+                )
+                write_shard(
+                    path / split / shard_name(i),
+                    data,
+                    len(out),
+                    n,
+                    {
+                        "aligned": n_al,
+                        **{f"w_{s}": float(w) for s, w in zip(sources, weights, strict=True)},
+                    },
+                )
+                total += n
+                bar.update(n)
+                tracker.log({"tokens": total})
+        tracker.summary({"tokens": total, "seconds": round(time.time() - t0, 2)})
+
+
+def _torch_like(lps: np.ndarray, like: DocDist):
+    import torch
+
+    return torch.from_numpy(lps).to(like.topk_logprobs.dtype)
