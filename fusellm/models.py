@@ -179,6 +179,23 @@ def _convert_gguf(loc: Located, name: str, part: str) -> Path:
     return out
 
 
+def _from_pretrained(cls, spec: ModelSpec, name: str, part: str, **kwargs):
+    """``cls.from_pretrained`` on the resolved location, errors naming the model."""
+    loc = locate(spec, name)
+    src = str(_convert_gguf(loc, name, part)) if loc.kind == "gguf" else loc.location
+    try:
+        return cls.from_pretrained(
+            src,
+            revision=spec.revision if loc.kind == "hub" else None,
+            trust_remote_code=spec.trust_remote_code,
+            **kwargs,
+        )
+    except Exception as e:
+        if loc.kind == "hub":
+            raise _hub_error(name, spec, part, e) from None
+        raise ModelLoadError(f"model '{name}': cannot load {part} from {src}: {e}") from e
+
+
 def load_tokenizer(spec: ModelSpec, name: str) -> PreTrainedTokenizerBase:
     """The model's tokenizer (fast, with offsets). Pad/BOS/EOS are left as the model ships
     them: fusellm never relies on ``pad_token`` (padding is masked by attention masks)."""
@@ -189,18 +206,7 @@ def load_tokenizer(spec: ModelSpec, name: str) -> PreTrainedTokenizerBase:
             path=spec.tokenizer, revision=spec.revision, trust_remote_code=spec.trust_remote_code
         )
         return load_tokenizer(sub, name)
-    loc = locate(spec, name)
-    src = str(_convert_gguf(loc, name, "tokenizer")) if loc.kind == "gguf" else loc.location
-    try:
-        tok = AutoTokenizer.from_pretrained(
-            src,
-            revision=spec.revision if loc.kind == "hub" else None,
-            trust_remote_code=spec.trust_remote_code,
-        )
-    except Exception as e:
-        if loc.kind == "hub":
-            raise _hub_error(name, spec, "tokenizer", e) from None
-        raise ModelLoadError(f"model '{name}': cannot load tokenizer from {src}: {e}") from e
+    tok = _from_pretrained(AutoTokenizer, spec, name, "tokenizer")
     if not getattr(tok, "is_fast", False):
         raise ModelLoadError(
             f"model '{name}': tokenizer {type(tok).__name__} is not a fast tokenizer; fusellm needs "
@@ -228,19 +234,9 @@ def load_model(spec: ModelSpec, name: str, device: str | torch.device = "cpu") -
     """A causal LM in eval mode on ``device``; GGUF files go through the conversion cache."""
     from transformers import AutoModelForCausalLM
 
-    loc = locate(spec, name)
-    src = str(_convert_gguf(loc, name, "model")) if loc.kind == "gguf" else loc.location
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            src,
-            revision=spec.revision if loc.kind == "hub" else None,
-            trust_remote_code=spec.trust_remote_code,
-            dtype=resolve_dtype(spec, device),
-        )
-    except Exception as e:
-        if loc.kind == "hub":
-            raise _hub_error(name, spec, "model", e) from None
-        raise ModelLoadError(f"model '{name}': cannot load model from {src}: {e}") from e
+    model = _from_pretrained(
+        AutoModelForCausalLM, spec, name, "model", dtype=resolve_dtype(spec, device)
+    )
     return model.to(device).eval()
 
 

@@ -156,6 +156,15 @@ def finish_if_complete(
     return manifest
 
 
+def sidecar_records(path: Path, plan: dict[str, int]) -> list[dict]:
+    """The sidecar records of every finished shard (per-shard counts and ``x_`` stats)."""
+    return [
+        read_json(p)
+        for split in plan
+        for p in sorted((path / split).glob("shard-*.safetensors.json"))
+    ]
+
+
 def shard_paths(path: Path, manifest: dict, split: str, label: str) -> list[Path]:
     """Shard paths of a complete sharded output for ``split``, in order."""
     n = manifest["stats"]["shards"].get(split)

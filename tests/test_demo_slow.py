@@ -131,3 +131,35 @@ def test_offsets_and_dp_alignment_agree_on_real_tokenizers():
             total += len(one)
             agree += int((a.src_pos[one] == d.src_pos[one]).sum())
         assert total > 500 and agree / total >= 0.97, (s, t, agree / total)
+
+
+def test_quickstart_end_to_end_through_fuse(tmp_path):
+    """The README's main job on a reduced corpus: corpus -> extract -> align -> fuse on the
+    real models, then a clear stop at the first stage that is not built."""
+    from fusellm.cli import main
+    from fusellm.stages import NOT_BUILT_EXIT, STAGES
+
+    small = [
+        "corpus.inputs.0.max_docs=1",
+        "corpus.inputs.1.max_docs=12",
+        "corpus.inputs.2.max_docs=6",
+        "corpus.inputs.3.max_docs=6",
+        f"run_dir={tmp_path}",
+        "tracking.mode=offline",
+    ]
+    rc = main(["run", str(QUICKSTART), *small])
+    unbuilt = [
+        s
+        for s in STAGES.values()
+        if not s.built and getattr(load_recipe(QUICKSTART), s.name) is not None
+    ]
+    assert rc == (NOT_BUILT_EXIT if unbuilt else 0)
+    al = json.loads((tmp_path / "align" / "gemma3" / "manifest.json").read_text())
+    assert al["complete"] and 0.85 < al["stats"]["aligned_fraction"] <= 1.0
+    fu = json.loads((tmp_path / "fuse" / "manifest.json").read_text())
+    assert fu["complete"] and set(fu["stats"]["source_weight"]) == {"smollm2", "gemma3"}
+    for m in ("smollm2", "gemma3"):
+        ex = json.loads((tmp_path / "extract" / m / "manifest.json").read_text())
+        assert ex["stats"]["bytes_per_token"] <= 64
+    assert main(["verify", str(tmp_path)]) == 0
+    assert any((tmp_path / "wandb").glob("offline-run-*"))

@@ -21,9 +21,8 @@ from fusellm.extract.runner import STAGE as EXTRACT
 from fusellm.manifest import load_manifest
 from fusellm.models import load_tokenizer
 from fusellm.recipe import Recipe, config_hash
-from fusellm.sharded import Rank, finish_if_complete, pending_shards, prepare_dir
+from fusellm.sharded import Rank, finish_if_complete, pending_shards, prepare_dir, sidecar_records
 from fusellm.shards import encode_shard, read_shard, shard_name, write_shard
-from fusellm.storage import read_json
 from fusellm.tracking import start_run
 
 log = logging.getLogger(__name__)
@@ -78,11 +77,7 @@ def _run_source(recipe, cfg, src, t_man, rank, force) -> dict | None:
         _compute(recipe, cfg, src, path, todo, s_man, t_man, k_out, fingerprint, rank)
 
     def stats() -> dict:
-        recs = [
-            read_json(p)
-            for split in plan
-            for p in sorted((path / split).glob("shard-*.safetensors.json"))
-        ]
+        recs = sidecar_records(path, plan)
         tokens = sum(r["tokens"] for r in recs)
         rel: dict[str, int] = {}
         for r in recs:

@@ -21,9 +21,8 @@ from fusellm.extract.runner import STAGE as EXTRACT
 from fusellm.fuse.core import Candidate, FuseParams, fuse
 from fusellm.manifest import load_manifest
 from fusellm.recipe import Recipe, config_hash
-from fusellm.sharded import Rank, finish_if_complete, pending_shards, prepare_dir
+from fusellm.sharded import Rank, finish_if_complete, pending_shards, prepare_dir, sidecar_records
 from fusellm.shards import DocDist, encode_shard, read_shard, shard_name, write_shard
-from fusellm.storage import read_json
 from fusellm.tracking import start_run
 
 log = logging.getLogger(__name__)
@@ -78,11 +77,7 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
         _compute(recipe, cfg, sources, inputs, t_dir, path, todo, params, fingerprint, rank)
 
     def stats() -> dict:
-        recs = [
-            read_json(p)
-            for split in plan
-            for p in sorted((path / split).glob("shard-*.safetensors.json"))
-        ]
+        recs = sidecar_records(path, plan)
         docs = max(sum(r["docs"] for r in recs), 1)
         tokens = max(sum(r["tokens"] for r in recs), 1)
         return {
