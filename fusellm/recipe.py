@@ -89,7 +89,7 @@ class Recipe(StrictModel):
     extract: ExtractConfig | None = None
     align: AlignConfig | None = None
     fuse: FuseConfig | None = None
-    train: OpaqueSection | None = None
+    train: OpaqueSection | None = None  # checked against FusionTrainingArguments
     merge: OpaqueSection | None = None
     evolve: OpaqueSection | None = None
     bench: OpaqueSection | None = None
@@ -113,6 +113,10 @@ class Recipe(StrictModel):
             for i, m in enumerate(names or []):
                 if m not in self.models:
                     raise ValueError(f"{key}.{i}: '{m}' is not one of models {known}")
+        if self.train is not None:
+            from fusellm.train.config import check_train_section
+
+            check_train_section(self.train)
         return self
 
     @property

@@ -56,7 +56,12 @@ STAGES: dict[str, Stage] = {
             "fusellm.fuse.runner:run",
             4,
         ),
-        Stage("train", "continue training the target on λ·CLM + (1−λ)·fusion loss", None, 5),
+        Stage(
+            "train",
+            "continue training the target on λ·CLM + (1−λ)·fusion loss",
+            "fusellm.train.runner:run",
+            5,
+        ),
         Stage("merge", "weight-merge same-architecture models with mergekit (baseline)", None, 6),
         Stage("evolve", "CMA-ES search over merge recipes (baseline)", None, 6),
         Stage(

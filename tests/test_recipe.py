@@ -140,8 +140,17 @@ def test_interpolation_env_missing_and_cycle(tmp_path, monkeypatch):
 
 
 def test_scientific_floats_are_floats(tmp_path):
-    r = load_text(tmp_path, BASE + "train: {learning_rate: 1e-5, other: 3e2}\n")
-    assert r.train["learning_rate"] == 1e-5 and isinstance(r.train["other"], float)
+    r = load_text(tmp_path, BASE + "train: {learning_rate: 1e-5, weight_decay: 3e-2}\n")
+    assert r.train["learning_rate"] == 1e-5 and isinstance(r.train["weight_decay"], float)
+
+
+def test_train_section_checked_against_training_arguments(tmp_path):
+    with pytest.raises(RecipeError, match=r"train\.warmup_ratio: unknown key"):
+        load_text(tmp_path, BASE + "train: {warmup_ratio: 0.1}\n")
+    with pytest.raises(RecipeError, match=r"lm_weight must be in \[0, 1\]"):
+        load_text(tmp_path, BASE + "train: {lm_weight: 1.5}\n")
+    with pytest.raises(RecipeError, match=r"train\.output_dir: set by fusellm"):
+        load_text(tmp_path, BASE + "train: {output_dir: /x}\n")
 
 
 def test_python_tags_refused_without_running(tmp_path):

@@ -1,0 +1,87 @@
+"""The train config: ``transformers.TrainingArguments`` plus the fusion fields only.
+
+Everything else (bf16, gradient checkpointing, DeepSpeed, schedulers, accumulation,
+logging/saving cadence) is a TrainingArguments field, set by the same name in the
+recipe's ``train:`` section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+# Set by the runner from the recipe/run_dir, not by the train: section.
+RUNNER_OWNED = ("output_dir", "run_name", "report_to", "remove_unused_columns")
+
+
+@dataclass
+class FusionTrainingArguments(TrainingArguments):
+    """TrainingArguments + FuseLLM's objective ``λ·CLM + (1−λ)·H(p_fused, q)``."""
+
+    lm_weight: float = field(default=0.9, metadata={"help": "λ: weight of the CLM term"})
+    teacher_temperature: float = field(default=1.0, metadata={"help": "τ of the fused targets"})
+    fusion_loss: str = field(default="ce", metadata={"help": "ce or kl"})
+    tail: str = field(
+        default="renormalize", metadata={"help": "renormalize the top-k, or keep a tail bucket"}
+    )
+    block_size: int = field(default=2048, metadata={"help": "tokens per packed training block"})
+    train_split: str = field(
+        default="train", metadata={"help": "corpus split of the fused shards to train on"}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.lm_weight <= 1.0:
+            raise ValueError(f"lm_weight must be in [0, 1], got {self.lm_weight}")
+        if self.teacher_temperature <= 0:
+            raise ValueError(f"teacher_temperature must be > 0, got {self.teacher_temperature}")
+        if self.fusion_loss not in ("ce", "kl"):
+            raise ValueError(f"fusion_loss must be 'ce' or 'kl', got '{self.fusion_loss}'")
+        if self.tail not in ("renormalize", "bucket"):
+            raise ValueError(f"tail must be 'renormalize' or 'bucket', got '{self.tail}'")
+        if self.tail == "bucket" and self.teacher_temperature != 1.0:
+            raise ValueError(
+                "tail: bucket keeps the stored tail mass, which needs teacher_temperature 1.0"
+            )
+        if self.block_size < 2:
+            raise ValueError(f"block_size must be >= 2, got {self.block_size}")
+
+
+_SIMPLE = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def check_train_section(section: dict) -> None:
+    """Fail at recipe load on unknown keys, simple type errors and bad fusion values of the
+    ``train:`` section. (The full ``TrainingArguments`` is built by the runner: its checks
+    depend on the machine, e.g. bf16 needs a GPU, and a recipe must load anywhere.)"""
+    fields = {f.name: f for f in dataclasses.fields(FusionTrainingArguments)}
+    for key, value in section.items():
+        if key not in fields:
+            raise ValueError(f"train.{key}: unknown key (not a TrainingArguments or fusion field)")
+        if key in RUNNER_OWNED:
+            raise ValueError(f"train.{key}: set by fusellm from run_dir and tracking; remove it")
+        ann = (
+            fields[key].type
+            if isinstance(fields[key].type, str)
+            else getattr(fields[key].type, "__name__", "")
+        )
+        ok = _SIMPLE.get(ann)
+        if (
+            ok
+            and value is not None
+            and (not isinstance(value, ok) or (ann != "bool" and isinstance(value, bool)))
+        ):
+            raise ValueError(f"train.{key}: expected {ann}, got {value!r}")
+    probe = {
+        k: section[k]
+        for k in ("lm_weight", "teacher_temperature", "fusion_loss", "tail", "block_size")
+        if k in section
+    }
+    try:
+        FusionTrainingArguments(
+            output_dir="/nonexistent-fusellm-check", report_to=[], use_cpu=True, **probe
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"train: {e}") from None

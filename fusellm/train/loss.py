@@ -1,0 +1,89 @@
+"""The FuseLLM training objective on sparse top-k targets (Wan et al. 2024, Eq. 4-5).
+
+    L = λ · L_CLM + (1 − λ) · L_fusion,    L_fusion = −Σ_t Σ_v p_fused(v | t) log q_θ(v | t)
+
+The fused distribution is stored as its top-k entries, so the fusion term gathers the
+student's log-probabilities at those k ids: ``[B, T, k]`` extra memory, never a dense
+``[B, T, V]`` target. Both terms share the student's ``logsumexp`` with the CLM term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LossSums:
+    """Token *sums* of the loss terms (divide by the valid-token count of the window)."""
+
+    total: torch.Tensor
+    clm: torch.Tensor
+    fusion: torch.Tensor
+    n_clm: torch.Tensor  # tokens in the CLM term
+    n_fusion: torch.Tensor  # tokens with a fused (non-fallback) distribution
+
+
+def fusion_loss_sums(
+    logits: torch.Tensor,
+    shift_labels: torch.Tensor,
+    fused_ids: torch.Tensor,
+    fused_logprobs: torch.Tensor,
+    fused_mask: torch.Tensor,
+    lm_weight: float = 0.9,
+    temperature: float = 1.0,
+    tail: str = "renormalize",
+    kind: str = "ce",
+) -> LossSums:
+    """Sums of ``λ·CE(gold next token) + (1−λ)·H(p_fused, q)`` over valid positions.
+
+    Args:
+        logits: ``[B, T, V]`` student logits (any float dtype; reduced in fp32).
+        shift_labels: int ``[B, T]`` gold *next* token per position, -100 = ignore.
+        fused_ids: int ``[B, T, k]`` target vocabulary ids of the fused top-k.
+        fused_logprobs: float ``[B, T, k]`` their log-probs, ``-inf`` for padding entries.
+        fused_mask: bool ``[B, T]`` positions whose fused row is a real distribution
+            (elsewhere, e.g. unaligned positions, only the CLM term applies).
+        temperature: teacher temperature τ (``p ∝ exp(logp / τ)``; with ``tail: bucket``
+            only τ = 1 keeps the stored tail mass meaningful).
+        tail: ``renormalize`` the k entries to sum to 1, or keep the tail ``1 − Σp`` as one
+            bucket matched against the student's mass outside the k ids.
+        kind: ``ce`` (cross-entropy) or ``kl`` (CE minus the teacher's entropy; same
+            gradient, a loss that reaches 0).
+    """
+    valid = shift_labels != -100
+    lse = torch.logsumexp(logits.float(), dim=-1)  # [B, T]
+    gold = logits.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).float()
+    clm = torch.where(valid, lse - gold, 0.0).sum()
+
+    use = fused_mask & valid
+    logq = logits.gather(-1, fused_ids.long()).float() - lse.unsqueeze(-1)  # [B, T, k]
+    lp = fused_logprobs.float()
+    live = torch.isfinite(lp)
+    if tail == "renormalize":
+        p = torch.softmax(torch.where(live, lp / temperature, -torch.inf), dim=-1)
+        p = torch.nan_to_num(p)  # rows with no entry at all
+        tail_term = torch.zeros_like(lse)
+        tail_ent = torch.zeros_like(lse)
+    elif tail == "bucket":
+        p = torch.where(live, torch.exp(lp / temperature), 0.0)
+        r = (1.0 - p.sum(-1)).clamp(min=0.0)  # teacher mass outside the k ids
+        q_in = torch.where(live, logq.exp(), 0.0).sum(-1)
+        log_q_tail = torch.log1p(-q_in.clamp(max=1.0 - 1e-6))
+        tail_term = -r * log_q_tail
+        tail_ent = -torch.where(r > 0, r * torch.log(r.clamp(min=1e-30)), 0.0)
+    else:
+        raise ValueError(f"unknown tail handling '{tail}' (renormalize, bucket)")
+    ce = -(p * torch.where(live, logq, 0.0)).sum(-1) + tail_term  # [B, T]
+    if kind == "kl":
+        ent = -(p * torch.where(p > 0, torch.log(p.clamp(min=1e-30)), 0.0)).sum(-1) + tail_ent
+        ce = ce - ent
+    elif kind != "ce":
+        raise ValueError(f"unknown fusion loss '{kind}' (ce, kl)")
+    fusion = torch.where(use, ce, 0.0).sum()
+    # Positions without a fused distribution count in the fusion term as CLM (the fused
+    # target there is the gold one-hot), so λ only reweights where fusion has information.
+    fallback = torch.where(valid & ~fused_mask, lse - gold, 0.0).sum()
+    total = lm_weight * clm + (1.0 - lm_weight) * (fusion + fallback)
+    return LossSums(total, clm, fusion + fallback, valid.sum(), use.sum())

@@ -1,0 +1,113 @@
+"""``fusellm train``: continue training the target on its fused data.
+
+Reads ``run_dir/fuse/<train_split>`` shards, trains the target (loaded through
+:mod:`fusellm.models`) with :class:`FusionTrainer`, keeps checkpoints under
+``run_dir/train/checkpoints`` (resumed from the latest *complete* one), and saves the
+final model as a plain HF directory (safetensors + tokenizer) at ``run_dir/train/model``,
+loadable with ``AutoModelForCausalLM``. Metrics go to the stage's W&B run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from fusellm.fuse.runner import STAGE as FUSE
+from fusellm.manifest import StageDir, load_manifest
+from fusellm.models import load_model, load_tokenizer, locate
+from fusellm.recipe import Recipe, config_hash
+from fusellm.sharded import shard_paths
+from fusellm.tracking import resolve_mode, start_run
+
+log = logging.getLogger(__name__)
+STAGE = "train"
+
+
+def build_args(recipe: Recipe, output_dir: str, report_wandb: bool):
+    from fusellm.train.config import FusionTrainingArguments
+
+    section = dict(recipe.train)
+    section.setdefault("seed", recipe.seed)
+    return FusionTrainingArguments(
+        output_dir=output_dir,
+        run_name=f"{recipe.name}/{STAGE}",
+        report_to=["wandb"] if report_wandb else [],
+        remove_unused_columns=False,
+        **section,
+    )
+
+
+def run(recipe: Recipe, force: bool = False) -> dict | None:
+    from fusellm.train.data import FusedBlocks, collate
+    from fusellm.train.trainer import (
+        CompletionMarker,
+        FusionTrainer,
+        NonFiniteGradStop,
+        latest_complete_checkpoint,
+    )
+
+    if recipe.train is None:
+        raise ValueError("the recipe has no 'train:' section")
+    fuse_dir = recipe.stage_dir(FUSE)
+    fuse_man = load_manifest(fuse_dir, FUSE)
+    spec = recipe.models[recipe.target]
+    fingerprint = {
+        "config": dict(recipe.train),
+        "fused": config_hash(fuse_man["files"]),
+        "model": locate(spec, recipe.target).identity,
+    }
+    sd = StageDir(STAGE, recipe.stage_dir(STAGE), fingerprint)
+    # Checkpoints are partial work that a rerun resumes: keep them unless inputs changed.
+    if not sd.prepare(force):
+        log.info("train: complete and unchanged at %s (skipped)", sd.path)
+        return None
+    split = recipe.train.get("train_split", "train")
+    wandb_on = (
+        recipe.tracking.backend == "wandb" and resolve_mode(recipe.tracking.mode) != "disabled"
+    )
+    args = build_args(recipe, str(sd.path / "checkpoints"), wandb_on)
+    dataset = FusedBlocks(shard_paths(fuse_dir, fuse_man, split, FUSE), args.block_size)
+    tok = load_tokenizer(spec, recipe.target)
+    model = load_model(spec, recipe.target, "cpu").train()
+    if args.gradient_checkpointing:
+        model.config.use_cache = False
+    os.environ.setdefault("WANDB_DIR", str(recipe.run_dir))
+    t0 = time.time()
+    with start_run(
+        recipe, STAGE, {"train": dict(recipe.train), **fingerprint}, enabled=args.process_index == 0
+    ) as tracker:
+        trainer = FusionTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=collate,
+            callbacks=[NonFiniteGradStop(), CompletionMarker()],
+        )
+        resume = latest_complete_checkpoint(sd.path / "checkpoints")
+        if resume:
+            log.info("train: resuming from %s", resume)
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        out_dir = sd.path / "model"
+        trainer.save_model(str(out_dir))
+        if args.process_index == 0:
+            tok.save_pretrained(str(out_dir))
+        secs = time.time() - t0
+        tokens = dataset.total * args.num_train_epochs
+        stats = {
+            "train_loss": result.training_loss,
+            "global_steps": result.global_step,
+            "blocks": len(dataset),
+            "tokens": dataset.total,
+            "seconds": round(secs, 1),
+            "tokens_per_s": round(tokens / max(secs, 1e-9), 1),
+        }
+        tracker.summary(stats)
+    if args.process_index != 0:
+        return None
+    files = {
+        f"model/{p.name}": sd.file_record(f"model/{p.name}")
+        for p in sorted(out_dir.iterdir())
+        if p.is_file()
+    }
+    return sd.finish(files, stats, dict(recipe.train))

@@ -1,0 +1,106 @@
+"""``FusionTrainer``: a ``transformers.Trainer`` whose only change is ``compute_loss``.
+
+The loss is a token *sum* divided by ``num_items_in_batch``, the number of valid tokens
+in the whole gradient-accumulation window (across processes when
+``average_tokens_across_devices``), so gradient accumulation and world size do not change
+it. A callback stops training on a non-finite gradient before the optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from fusellm.train.loss import fusion_loss_sums
+
+COMPLETE = "fusellm-complete.json"
+
+
+class NonFiniteError(FloatingPointError):
+    """Training hit a NaN/Inf loss or gradient; raised before any optimizer step uses it."""
+
+
+class FusionTrainer(Trainer):
+    loss_is_scaled_for_ga = True  # compute_loss already divides by the window's token count
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Makes the training loop count valid tokens over the accumulation window
+        # (from ``shift_labels``) and pass the count to compute_loss.
+        self.model_accepts_loss_kwargs = True
+        self._terms = {"loss_clm": 0.0, "loss_fusion": 0.0, "fused_fraction": 0.0}
+        self._micro = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        out = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+        )
+        s = fusion_loss_sums(
+            out.logits,
+            inputs["shift_labels"],
+            inputs["fused_ids"],
+            inputs["fused_logprobs"],
+            inputs["fused_mask"],
+            args.lm_weight,
+            args.teacher_temperature,
+            args.tail,
+            args.fusion_loss,
+        )
+        n = num_items_in_batch if num_items_in_batch is not None else s.n_clm
+        n = torch.as_tensor(n, device=s.total.device).clamp(min=1)
+        loss = s.total / n
+        if not torch.isfinite(loss):
+            raise NonFiniteError(
+                f"non-finite loss ({loss.item()}) at step {self.state.global_step + 1}, micro-batch "
+                f"{self._micro} of the accumulation window; no optimizer step was taken"
+            )
+        if args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        with torch.no_grad():
+            self._terms["loss_clm"] += float(s.clm / n)
+            self._terms["loss_fusion"] += float(s.fusion / n)
+            self._terms["fused_fraction"] += float(s.n_fusion) / max(float(s.n_clm), 1.0)
+        self._micro += 1
+        return (loss, out) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._micro:
+            steps = max(self.state.global_step - self._globalstep_last_logged, 1)
+            logs["loss_clm"] = self._terms["loss_clm"] / steps
+            logs["loss_fusion"] = self._terms["loss_fusion"] / steps
+            logs["fused_fraction"] = self._terms["fused_fraction"] / self._micro
+            logs["lm_weight"] = self.args.lm_weight
+            self._terms = dict.fromkeys(self._terms, 0.0)
+            self._micro = 0
+        super().log(logs, start_time)
+
+
+class NonFiniteGradStop(TrainerCallback):
+    """Raise before the optimizer step when any gradient is NaN/Inf, naming the step."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        for name, p in model.named_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                raise NonFiniteError(
+                    f"non-finite gradient in '{name}' at step {state.global_step + 1}; "
+                    "stopped before the optimizer step"
+                )
+
+
+class CompletionMarker(TrainerCallback):
+    """Write a marker into each checkpoint after the Trainer has fully saved it: a
+    checkpoint directory without it (killed mid-save) is never resumed from."""
+
+    def on_save(self, args, state, control, **kwargs):
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir() and args.process_index == 0:
+            (ckpt / COMPLETE).write_text(json.dumps({"global_step": state.global_step}))
+
+
+def latest_complete_checkpoint(output_dir: Path) -> Path | None:
+    done = [p for p in Path(output_dir).glob("checkpoint-*") if (p / COMPLETE).exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)

@@ -1,0 +1,186 @@
+"""FusionTrainer on a tiny fused pipeline: end to end, GAS invariance, resume, NaN stops."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusellm.cli import main
+from fusellm.recipe import load_recipe
+
+SECTIONS = """align: {}
+fuse: {method: min_ce}
+train:
+  lm_weight: 0.5
+  block_size: 16
+  per_device_train_batch_size: 2
+  learning_rate: 1.0e-3
+  max_steps: 4
+  logging_steps: 1
+  save_steps: 2
+  use_cpu: true
+  report_to_placeholder: 1
+"""
+TWO = [
+    "extract.models=[llama_bpe,neox_unigram]",
+    "sources=[llama_bpe,neox_unigram]",
+    "tracking.backend=none",
+]
+
+
+@pytest.fixture()
+def fused(ext_recipe) -> Path:
+    ext_recipe.write_text(
+        ext_recipe.read_text() + SECTIONS.replace("  report_to_placeholder: 1\n", "")
+    )
+    assert main(["run", str(ext_recipe), "--stages", "corpus,extract,align,fuse", *TWO]) == 0
+    return ext_recipe
+
+
+def test_train_stage_saves_a_loadable_model(fused):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert main(["train", str(fused), *TWO]) == 0
+    run = fused.parent / "run"
+    man = json.loads((run / "train" / "manifest.json").read_text())
+    assert man["complete"] and man["stats"]["global_steps"] == 4
+    model = AutoModelForCausalLM.from_pretrained(run / "train" / "model")
+    tok = AutoTokenizer.from_pretrained(run / "train" / "model")
+    assert model(torch.tensor([tok("hello world")["input_ids"]])).logits.isfinite().all()
+    assert any(p.name.endswith(".safetensors") for p in (run / "train" / "model").iterdir())
+    hist = json.loads((run / "train/checkpoints/checkpoint-4/trainer_state.json").read_text())[
+        "log_history"
+    ]
+    assert {"loss_clm", "loss_fusion", "lm_weight", "fused_fraction", "grad_norm"} <= set(hist[0])
+    assert main(["train", str(fused), *TWO]) == 0  # complete: skipped
+
+
+def make_trainer(recipe_path: Path, out: Path, callbacks=(), **over):
+    from fusellm.fuse.runner import STAGE
+    from fusellm.manifest import load_manifest
+    from fusellm.models import load_model
+    from fusellm.sharded import shard_paths
+    from fusellm.train.data import FusedBlocks, collate
+    from fusellm.train.runner import build_args
+    from fusellm.train.trainer import CompletionMarker, FusionTrainer, NonFiniteGradStop
+
+    r = load_recipe(recipe_path, TWO + [f"train.{k}={v}" for k, v in over.items()])
+    args = build_args(r, str(out), False)
+    man = load_manifest(r.stage_dir(STAGE), STAGE)
+    ds = FusedBlocks(shard_paths(r.stage_dir(STAGE), man, "train", STAGE), args.block_size)
+    torch.manual_seed(0)
+    model = load_model(r.models[r.target], r.target).train()
+    return FusionTrainer(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        data_collator=collate,
+        callbacks=[NonFiniteGradStop(), CompletionMarker(), *callbacks],
+    )
+
+
+class GradGrab:
+    def __init__(self):
+        self.grads = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+        if self.grads is None:
+            self.grads = {
+                n: p.grad.detach().clone()
+                for n, p in model.named_parameters()
+                if p.grad is not None
+            }
+
+    def __getattr__(self, name):  # every other callback event: no-op
+        return lambda *a, **k: None
+
+
+def test_gas_and_batch_size_do_not_change_loss_or_gradients(fused, tmp_path):
+    res = {}
+    for bs, gas in [(8, 1), (1, 8)]:
+        grab = GradGrab()
+        t = make_trainer(
+            fused,
+            tmp_path / f"{bs}x{gas}",
+            [grab],
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=gas,
+            max_steps=1,
+            max_grad_norm=0,
+            save_steps=100,
+            lm_weight=0.3,
+        )
+        out = t.train()
+        res[(bs, gas)] = (out.training_loss, grab.grads)
+    (l1, g1), (l8, g8) = res[(8, 1)], res[(1, 8)]
+    assert abs(l1 - l8) < 1e-6
+    assert g1.keys() == g8.keys()
+    for n in g1:
+        assert torch.allclose(g1[n], g8[n], atol=1e-6, rtol=1e-5), n
+
+
+class CrashAt:
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated kill")
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
+def losses(out: Path) -> dict[int, float]:
+    last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    hist = json.loads((last / "trainer_state.json").read_text())["log_history"]
+    return {h["step"]: h["loss"] for h in hist if "loss" in h}
+
+
+def test_resume_after_kill_gives_identical_per_step_losses(fused, tmp_path):
+    from fusellm.train.trainer import latest_complete_checkpoint
+
+    over = dict(max_steps=6, save_steps=2, logging_steps=1)
+    make_trainer(fused, tmp_path / "full", **over).train()
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(fused, tmp_path / "cut", [CrashAt(3)], **over).train()
+    ckpt = latest_complete_checkpoint(tmp_path / "cut")
+    assert ckpt is not None and ckpt.name == "checkpoint-2"
+    make_trainer(fused, tmp_path / "cut", **over).train(resume_from_checkpoint=str(ckpt))
+    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(full) == list(range(1, 7)) and full == resumed
+
+
+def test_nan_loss_stops_naming_the_step(fused, tmp_path):
+    from fusellm.train.trainer import NonFiniteError
+
+    t = make_trainer(fused, tmp_path / "nan", max_steps=3)
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second forward pass = step 2
+            output.logits[0, 0, 0] = float("nan")
+        return output
+
+    t.model.register_forward_hook(poison)
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    with pytest.raises(NonFiniteError, match=r"non-finite loss .* at step 2"):
+        t.train()
+    assert t.state.global_step == 1  # step 1 applied, step 2 never reached the optimizer
+    assert any(not torch.equal(before[n], p) for n, p in t.model.named_parameters())
+
+
+def test_nan_gradient_stops_before_the_optimizer_step(fused, tmp_path):
+    from fusellm.train.trainer import NonFiniteError
+
+    t = make_trainer(fused, tmp_path / "nangrad", max_steps=2, max_grad_norm=0)
+    p0 = next(t.model.parameters())
+    p0.register_hook(lambda g: torch.full_like(g, float("nan")))
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient in '.*' at step 1"):
+        t.train()
+    assert all(torch.equal(before[n], p) for n, p in t.model.named_parameters())
