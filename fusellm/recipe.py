@@ -6,7 +6,8 @@ a :class:`RecipeError` that names the recipe file and the dotted key path:
 1. ``yaml`` with a safe loader (no ``!!python/...`` tags, duplicate keys refused, and
    YAML-1.2 floats so ``lr: 1e-5`` is a float and not the string ``"1e-5"``);
 2. dotted ``key=value`` overrides from the command line (values parsed as YAML scalars);
-3. ``${a.b.c}`` references into the recipe and ``${env:NAME}`` environment variables
+3. ``${a.b.c}`` references into the recipe, ``${env:NAME}`` environment variables and
+   ``${recipe_dir}`` (the recipe file's directory)
    (overrides are applied first, so ``run_dir=/scratch/x`` moves every path that
    refers to ``${run_dir}``);
 4. validation into :class:`Recipe` (pydantic, strict types, unknown keys forbidden).
@@ -223,7 +224,7 @@ def _list_index(node: list, p: str, path: list[str]) -> int:
 _REF = re.compile(r"\$\{([^}]+)\}")
 
 
-def interpolate(tree: Any) -> Any:
+def interpolate(tree: Any, builtins: Mapping[str, str] | None = None) -> Any:
     """Resolve ``${a.b}`` (recipe keys) and ``${env:NAME}`` in every string of ``tree``.
 
     A string that is exactly one reference takes the referenced value with its type
@@ -231,8 +232,11 @@ def interpolate(tree: Any) -> Any:
     formatted with ``str``. Cycles and missing keys raise :class:`RecipeError`.
     """
     root = tree
+    builtins = builtins or {}
 
     def lookup(ref: str, stack: tuple[str, ...]) -> Any:
+        if ref in builtins:
+            return builtins[ref]
         if ref.startswith("env:"):
             name = ref[4:]
             if name not in os.environ:
@@ -290,7 +294,7 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recip
         apply_override(tree, parts, value)
         overridden.add(".".join(parts))
     try:
-        tree = interpolate(tree)
+        tree = interpolate(tree, {"recipe_dir": str(path.resolve().parent)})
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from None
     return validate_tree(tree, str(path), overridden)

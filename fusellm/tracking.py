@@ -10,10 +10,12 @@ reach W&B files. Every metric is also appended to ``run_dir/<stage>/metrics.json
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,36 @@ class NullTracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None: ...
+
+
+@contextlib.contextmanager
+def wandb_env(recipe: Recipe, stage: str) -> Iterator[bool]:
+    """Environment for integrations that start their own W&B run (the HF Trainer's
+    callback): same mode, directory, project and group as :class:`Tracker`; console
+    capture off. Yields whether W&B is enabled; restores the environment afterwards."""
+    cfg = recipe.tracking
+    mode = resolve_mode(cfg.mode)
+    enabled = cfg.backend == "wandb" and mode != "disabled"
+    env = {
+        "WANDB_MODE": mode,
+        "WANDB_DIR": str(Path(recipe.run_dir).resolve()),
+        "WANDB_PROJECT": cfg.project,
+        "WANDB_RUN_GROUP": recipe.name,
+        "WANDB_JOB_TYPE": stage,
+        "WANDB_CONSOLE": "off",
+        "WANDB_SILENT": "true",
+        **({"WANDB_ENTITY": cfg.entity} if cfg.entity else {}),
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield enabled
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def start_run(

@@ -43,7 +43,7 @@ def fused(ext_recipe) -> Path:
 def test_train_stage_saves_a_loadable_model(fused):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    assert main(["train", str(fused), *TWO]) == 0
+    assert main(["train", str(fused), *TWO, "train.logging_steps=2"]) == 0
     run = fused.parent / "run"
     man = json.loads((run / "train" / "manifest.json").read_text())
     assert man["complete"] and man["stats"]["global_steps"] == 4
@@ -55,7 +55,10 @@ def test_train_stage_saves_a_loadable_model(fused):
         "log_history"
     ]
     assert {"loss_clm", "loss_fusion", "lm_weight", "fused_fraction", "grad_norm"} <= set(hist[0])
-    assert main(["train", str(fused), *TWO]) == 0  # complete: skipped
+    for h in (h for h in hist if "loss" in h):  # the logged terms add up to the logged loss
+        assert abs(h["loss"] - (0.5 * h["loss_clm"] + 0.5 * h["loss_fusion"])) < 2e-3 * h["loss"]
+    assert main(["train", str(fused), *TWO, "train.logging_steps=2"]) == 0  # complete: skipped
+    assert main(["train", str(fused), *TWO]) == 2  # another config: refused, naming the field
 
 
 def make_trainer(recipe_path: Path, out: Path, callbacks=(), **over):
@@ -184,3 +187,68 @@ def test_nan_gradient_stops_before_the_optimizer_step(fused, tmp_path):
     with pytest.raises(NonFiniteError, match=r"non-finite gradient in '.*' at step 1"):
         t.train()
     assert all(torch.equal(before[n], p) for n, p in t.model.named_parameters())
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_deepspeed_zero_on_two_cpu_processes(fused, tmp_path, zero):
+    """A real ZeRO run on 2 CPU processes (gloo), through torchrun and the CLI; its first
+    step's loss equals a 1-process run on the same global batch."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    ds = Path(__file__).parent.parent / "recipes" / "deepspeed" / f"{zero}.json"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = [
+        *TWO,
+        "train.max_steps=2",
+        "train.save_steps=2",
+        "train.logging_steps=1",
+        "train.learning_rate=0.001",
+    ]
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            "-m",
+            "fusellm.cli",
+            "train",
+            str(fused),
+            *common,
+            f"train.deepspeed={ds}",
+            "train.per_device_train_batch_size=2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    run = fused.parent / "run"
+    man = json.loads((run / "train" / "manifest.json").read_text())
+    assert man["complete"] and man["stats"]["global_steps"] == 2
+    hist = json.loads((run / "train/checkpoints/checkpoint-2/trainer_state.json").read_text())[
+        "log_history"
+    ]
+    ds_losses = [h["loss"] for h in hist if "loss" in h]
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(run / "train" / "model") is not None
+    # the same 4 sequences per step in one process, without DeepSpeed
+    ref = make_trainer(
+        fused, tmp_path / "ref", per_device_train_batch_size=4, max_steps=1, save_steps=10
+    )
+    ref.train()
+    ref_loss = [h["loss"] for h in ref.state.log_history if "loss" in h][0]
+    assert len(ds_losses) == 2 and abs(ds_losses[0] - ref_loss) < 2e-3, (ds_losses, ref_loss)

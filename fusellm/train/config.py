@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 # Set by the runner from the recipe/run_dir, not by the train: section.
-RUNNER_OWNED = ("output_dir", "run_name", "report_to", "remove_unused_columns")
+RUNNER_OWNED = ("output_dir", "run_name", "report_to", "remove_unused_columns", "hub_token")
 
 
 @dataclass
@@ -85,3 +85,23 @@ def check_train_section(section: dict) -> None:
         )
     except (TypeError, ValueError) as e:
         raise ValueError(f"train: {e}") from None
+
+
+def _check_deepspeed_json(path: str) -> None:
+    """A DeepSpeed ``scheduler`` block would silently replace the recipe's schedule (the
+    reference FuseLLM's WarmupDecayLR did): refuse it."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"train.deepspeed: no such file {path}")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"train.deepspeed: {path} is not valid JSON ({e})") from None
+    if "scheduler" in cfg:
+        raise ValueError(
+            f"train.deepspeed: {path} has a 'scheduler' block, which would override the recipe's "
+            "lr_scheduler_type/warmup_steps; remove it (see recipes/deepspeed/README.md)"
+        )

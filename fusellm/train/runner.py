@@ -10,7 +10,6 @@ loadable with ``AutoModelForCausalLM``. Metrics go to the stage's W&B run.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from fusellm.fuse.runner import STAGE as FUSE
@@ -18,7 +17,7 @@ from fusellm.manifest import StageDir, load_manifest
 from fusellm.models import load_model, load_tokenizer, locate
 from fusellm.recipe import Recipe, config_hash
 from fusellm.sharded import shard_paths
-from fusellm.tracking import resolve_mode, start_run
+from fusellm.tracking import wandb_env
 
 log = logging.getLogger(__name__)
 STAGE = "train"
@@ -63,20 +62,14 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
         log.info("train: complete and unchanged at %s (skipped)", sd.path)
         return None
     split = recipe.train.get("train_split", "train")
-    wandb_on = (
-        recipe.tracking.backend == "wandb" and resolve_mode(recipe.tracking.mode) != "disabled"
-    )
-    args = build_args(recipe, str(sd.path / "checkpoints"), wandb_on)
-    dataset = FusedBlocks(shard_paths(fuse_dir, fuse_man, split, FUSE), args.block_size)
-    tok = load_tokenizer(spec, recipe.target)
-    model = load_model(spec, recipe.target, "cpu").train()
-    if args.gradient_checkpointing:
-        model.config.use_cache = False
-    os.environ.setdefault("WANDB_DIR", str(recipe.run_dir))
-    t0 = time.time()
-    with start_run(
-        recipe, STAGE, {"train": dict(recipe.train), **fingerprint}, enabled=args.process_index == 0
-    ) as tracker:
+    with wandb_env(recipe, STAGE) as wandb_on:
+        args = build_args(recipe, str(sd.path / "checkpoints"), wandb_on)
+        dataset = FusedBlocks(shard_paths(fuse_dir, fuse_man, split, FUSE), args.block_size)
+        tok = load_tokenizer(spec, recipe.target)
+        model = load_model(spec, recipe.target, "cpu").train()
+        if args.gradient_checkpointing:
+            model.config.use_cache = False
+        t0 = time.time()
         trainer = FusionTrainer(
             model=model,
             args=args,
@@ -93,16 +86,14 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
         if args.process_index == 0:
             tok.save_pretrained(str(out_dir))
         secs = time.time() - t0
-        tokens = dataset.total * args.num_train_epochs
         stats = {
             "train_loss": result.training_loss,
             "global_steps": result.global_step,
             "blocks": len(dataset),
             "tokens": dataset.total,
             "seconds": round(secs, 1),
-            "tokens_per_s": round(tokens / max(secs, 1e-9), 1),
+            "tokens_per_s": round(dataset.total * args.num_train_epochs / max(secs, 1e-9), 1),
         }
-        tracker.summary(stats)
     if args.process_index != 0:
         return None
     files = {

@@ -33,6 +33,7 @@ class FusionTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._terms = {"loss_clm": 0.0, "loss_fusion": 0.0, "fused_fraction": 0.0}
         self._micro = 0
+        self._terms_since = 0  # global step of the last log (the Trainer's own counter moves first)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
@@ -69,7 +70,8 @@ class FusionTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._micro:
-            steps = max(self.state.global_step - self._globalstep_last_logged, 1)
+            steps = max(self.state.global_step - self._terms_since, 1)
+            self._terms_since = self.state.global_step
             logs["loss_clm"] = self._terms["loss_clm"] / steps
             logs["loss_fusion"] = self._terms["loss_fusion"] / steps
             logs["fused_fraction"] = self._terms["fused_fraction"] / self._micro
