@@ -84,3 +84,13 @@ def test_padding_entries_and_empty_rows_are_harmless():
         fusion_loss_sums(logits.requires_grad_(), labels, ids, vals, mask, 0.5).total, logits
     )[0]
     assert torch.isfinite(g).all()
+
+
+def test_gather_log_softmax_gradient():
+    from fusellm.train.loss import GatherLogSoftmax
+
+    x = torch.randn(3, 4, 9, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, 9, (3, 4, 5))  # repeated ids included
+    assert torch.autograd.gradcheck(lambda x: GatherLogSoftmax.apply(x, idx), (x,))
+    ref = torch.log_softmax(x, -1).gather(-1, idx)
+    assert torch.allclose(GatherLogSoftmax.apply(x, idx), ref)

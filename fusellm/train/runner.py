@@ -65,6 +65,15 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
     with wandb_env(recipe, STAGE) as wandb_on:
         args = build_args(recipe, str(sd.path / "checkpoints"), wandb_on)
         dataset = FusedBlocks(shard_paths(fuse_dir, fuse_man, split, FUSE), args.block_size)
+        # Sets up the process group now: ZeRO-3 partitions the weights inside
+        # from_pretrained, which needs the world size (TrainingArguments sets it lazily).
+        log.info("train: %d process(es), device %s", args.world_size, args.device)
+        if args.deepspeed and args.world_size > 1:
+            import deepspeed
+
+            # On CPU, accelerate sets up torch.distributed but not deepspeed.comm, whose
+            # world size ZeRO-3's zero.Init reads while loading the model.
+            deepspeed.init_distributed(dist_backend="gloo" if args.device.type == "cpu" else "nccl")
         tok = load_tokenizer(spec, recipe.target)
         model = load_model(spec, recipe.target, "cpu").train()
         if args.gradient_checkpointing:
