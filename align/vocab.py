@@ -110,9 +110,11 @@ def min_ed_map(
 ) -> np.ndarray:
     """MinED: int32 ``[len(src)]``, the target id at minimum Levenshtein distance.
 
-    Exact matches are taken first (distance 0); the rest are scored against the whole
-    target vocabulary with rapidfuzz's multi-threaded ``cdist`` in row chunks (memory
-    ``chunk × |tgt|``). Ties go to the smallest target id, so the map is deterministic.
+    Exact matches are taken first (distance 0). The rest are searched in rings of growing
+    length difference: a target ``r`` characters longer or shorter is at distance >= r, so
+    once a query's best distance is <= r no unsearched target can beat or tie it. Each
+    ring is scored with rapidfuzz's multi-threaded ``cdist`` (rows in chunks of ``chunk``).
+    Ties go to the smallest target id, exactly as a full scan would (tested against one).
     """
     from rapidfuzz.distance import Levenshtein
     from rapidfuzz.process import cdist
@@ -123,17 +125,51 @@ def min_ed_map(
         [j for j, c in enumerate(tgt) if c is not None and not c.startswith(SPECIAL)],
         dtype=np.int64,
     )
-    if len(cand) == 0:
-        return np.full(len(src), -1, dtype=np.int32)
-    choices = [tgt[j].decode("latin-1") for j in cand]
-    todo = [
-        i for i, c in enumerate(src) if c is not None and out[i] < 0 and not c.startswith(SPECIAL)
-    ]
-    for a in range(0, len(todo), chunk):
-        rows = todo[a : a + chunk]
-        queries = [src[i].decode("latin-1") for i in rows]
-        d = cdist(queries, choices, scorer=Levenshtein.distance, dtype=np.int32, workers=workers)
-        out[rows] = cand[np.argmin(d, axis=1)]  # argmin returns the first minimum
+    todo = np.array(
+        [
+            i
+            for i, c in enumerate(src)
+            if c is not None and out[i] < 0 and not c.startswith(SPECIAL)
+        ],
+        dtype=np.int64,
+    )
+    if len(cand) == 0 or len(todo) == 0:
+        return out
+    t_str = [tgt[j].decode("latin-1") for j in cand]
+    t_len = np.array([len(x) for x in t_str])
+    by_len = {n: np.flatnonzero(t_len == n) for n in np.unique(t_len)}  # ids ascending
+    q_str = {i: src[i].decode("latin-1") for i in todo}
+    q_len = np.array([len(q_str[i]) for i in todo])
+    best_d = np.full(len(todo), np.iinfo(np.int32).max, dtype=np.int64)
+    best_j = np.full(len(todo), np.iinfo(np.int64).max, dtype=np.int64)
+    max_r = int(max(t_len.max(), q_len.max()))
+    for r in range(max_r + 1):
+        for L in np.unique(q_len):
+            rows = np.flatnonzero((q_len == L) & (best_d > r - 1))  # not final yet
+            if len(rows) == 0:
+                continue
+            ring = [by_len[n] for n in {L - r, L + r} if n in by_len]
+            if not ring:
+                continue
+            ring = np.sort(np.concatenate(ring))  # ascending candidate index = ascending id
+            choices = [t_str[c] for c in ring]
+            for a in range(0, len(rows), chunk):
+                rr = rows[a : a + chunk]
+                d = cdist(
+                    [q_str[todo[x]] for x in rr],
+                    choices,
+                    scorer=Levenshtein.distance,
+                    dtype=np.int32,
+                    workers=workers,
+                )
+                k = np.argmin(d, axis=1)  # first minimum: the smallest id in this ring
+                dk, jk = d[np.arange(len(rr)), k].astype(np.int64), cand[ring[k]]
+                better = (dk < best_d[rr]) | ((dk == best_d[rr]) & (jk < best_j[rr]))
+                best_d[rr] = np.where(better, dk, best_d[rr])
+                best_j[rr] = np.where(better, jk, best_j[rr])
+        if (best_d <= r).all():
+            break
+    out[todo] = best_j.astype(np.int32)
     return out
 
 

@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         StageInputsChanged,
         CorruptArtifact,
         ValueError,
+        FileNotFoundError,
     ) as e:
         print(f"fusellm: error: {e}", file=sys.stderr)
         return 2

@@ -54,7 +54,15 @@ def test_train_stage_saves_a_loadable_model(fused):
     hist = json.loads((run / "train/checkpoints/checkpoint-4/trainer_state.json").read_text())[
         "log_history"
     ]
-    assert {"loss_clm", "loss_fusion", "lm_weight", "fused_fraction", "grad_norm"} <= set(hist[0])
+    assert {
+        "loss_clm",
+        "loss_fusion",
+        "lm_weight",
+        "fused_fraction",
+        "grad_norm",
+        "tokens_per_s",
+    } <= set(hist[0])
+    assert not (run / "train" / "model" / "training_args.bin").exists()  # no pickle in the model
     for h in (h for h in hist if "loss" in h):  # the logged terms add up to the logged loss
         assert abs(h["loss"] - (0.5 * h["loss_clm"] + 0.5 * h["loss_fusion"])) < 2e-3 * h["loss"]
     assert main(["train", str(fused), *TWO, "train.logging_steps=2"]) == 0  # complete: skipped
@@ -125,36 +133,10 @@ def test_gas_and_batch_size_do_not_change_loss_or_gradients(fused, tmp_path):
         assert torch.allclose(g1[n], g8[n], atol=1e-6, rtol=1e-5), n
 
 
-class CrashAt:
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt("simulated kill")
-
-    def __getattr__(self, name):
-        return lambda *a, **k: None
-
-
 def losses(out: Path) -> dict[int, float]:
     last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     hist = json.loads((last / "trainer_state.json").read_text())["log_history"]
     return {h["step"]: h["loss"] for h in hist if "loss" in h}
-
-
-def test_resume_after_kill_gives_identical_per_step_losses(fused, tmp_path):
-    from fusellm.train.trainer import latest_complete_checkpoint
-
-    over = dict(max_steps=6, save_steps=2, logging_steps=1)
-    make_trainer(fused, tmp_path / "full", **over).train()
-    with pytest.raises(KeyboardInterrupt):
-        make_trainer(fused, tmp_path / "cut", [CrashAt(3)], **over).train()
-    ckpt = latest_complete_checkpoint(tmp_path / "cut")
-    assert ckpt is not None and ckpt.name == "checkpoint-2"
-    make_trainer(fused, tmp_path / "cut", **over).train(resume_from_checkpoint=str(ckpt))
-    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "cut")
-    assert sorted(full) == list(range(1, 7)) and full == resumed
 
 
 def test_nan_loss_stops_naming_the_step(fused, tmp_path):
@@ -252,3 +234,46 @@ def test_deepspeed_zero_on_two_cpu_processes(fused, tmp_path, zero):
     ref.train()
     ref_loss = [h["loss"] for h in ref.state.log_history if "loss" in h][0]
     assert len(ds_losses) == 2 and abs(ds_losses[0] - ref_loss) < 2e-3, (ds_losses, ref_loss)
+
+
+KILL_AT_STEP = """
+import os, signal, sys
+import fusellm.train.trainer as tr
+real = tr.CompletionMarker.on_step_end if hasattr(tr.CompletionMarker, "on_step_end") else None
+def on_step_end(self, args, state, control, **kw):
+    if state.global_step == int(os.environ["KILL_AT_STEP"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+tr.CompletionMarker.on_step_end = on_step_end
+from fusellm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_after_a_checkpoint_then_resume_through_the_cli(fused, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    over = ["train.max_steps=6", "train.save_steps=2", "train.logging_steps=1"]
+    # a run_dir without fused data: a clear error (exit 2), not a traceback
+    assert main(["train", str(fused), *TWO, *over, f"run_dir={tmp_path / 'full'}"]) == 2
+    full_run = tmp_path / "full"
+    shutil.copytree(fused.parent / "run", full_run, dirs_exist_ok=True)
+    assert main(["train", str(fused), *TWO, *over, f"run_dir={full_run}"]) == 0
+    env = {**os.environ, "KILL_AT_STEP": "3"}
+    r = subprocess.run(
+        [sys.executable, "-c", KILL_AT_STEP, "train", str(fused), *TWO, *over],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == -9, r.stderr[-2000:]
+    ckpts = fused.parent / "run" / "train" / "checkpoints"
+    assert (ckpts / "checkpoint-2" / "fusellm-complete.json").exists() and not (
+        ckpts / "checkpoint-4"
+    ).exists()
+    assert main(["train", str(fused), *TWO, *over]) == 0  # resumes from checkpoint-2
+    a = losses(full_run / "train" / "checkpoints")
+    b = losses(ckpts)
+    assert sorted(a) == list(range(1, 7)) and a == b

@@ -94,6 +94,8 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
         trainer.save_model(str(out_dir))
         if args.process_index == 0:
             tok.save_pretrained(str(out_dir))
+            # A pickle of the arguments; the recipe and manifest already record them.
+            (out_dir / "training_args.bin").unlink(missing_ok=True)
         secs = time.time() - t0
         stats = {
             "train_loss": result.training_loss,

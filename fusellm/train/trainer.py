@@ -9,6 +9,7 @@ it. A callback stops training on a non-finite gradient before the optimizer step
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -34,6 +35,8 @@ class FusionTrainer(Trainer):
         self._terms = {"loss_clm": 0.0, "loss_fusion": 0.0, "fused_fraction": 0.0}
         self._micro = 0
         self._terms_since = 0  # global step of the last log (the Trainer's own counter moves first)
+        self._tokens = 0
+        self._t_log = time.time()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
@@ -66,6 +69,7 @@ class FusionTrainer(Trainer):
             self._terms["loss_fusion"] += float(s.fusion / n)
             self._terms["fused_fraction"] += float(s.n_fusion) / max(float(s.n_clm), 1.0)
         self._micro += 1
+        self._tokens += int(inputs["attention_mask"].sum())
         return (loss, out) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -76,8 +80,12 @@ class FusionTrainer(Trainer):
             logs["loss_fusion"] = self._terms["loss_fusion"] / steps
             logs["fused_fraction"] = self._terms["fused_fraction"] / self._micro
             logs["lm_weight"] = self.args.lm_weight
+            now = time.time()
+            logs["tokens_per_s"] = (
+                self._tokens * self.args.world_size / max(now - self._t_log, 1e-9)
+            )
             self._terms = dict.fromkeys(self._terms, 0.0)
-            self._micro = 0
+            self._micro, self._tokens, self._t_log = 0, 0, now
         super().log(logs, start_time)
 
 
