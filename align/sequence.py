@@ -148,19 +148,15 @@ def align_dp(src_tokens: Sequence[str], tgt_tokens: Sequence[str]) -> Alignment:
     """The paper's MinED alignment: DTW over token strings with Levenshtein cost.
 
     The cost matrix comes from rapidfuzz; the recurrence runs over anti-diagonals
-    (vectorised), so time is O(S·T) but memory-bound in numpy, not Python. From the path:
-    a target token matched by one source token that matches only it is 1:1; several source
-    tokens on one target token is many:1 (the last of them closes the same context);
-    one source token over several target tokens is 1:many (it belongs to the last one).
+    (vectorised), so time is O(S·T) but in numpy, not Python. The path becomes an
+    :class:`Alignment` by :func:`alignment_from_path`.
     """
     from rapidfuzz.distance import Levenshtein
     from rapidfuzz.process import cdist
 
     S, T = len(src_tokens), len(tgt_tokens)
-    src_pos = np.full(T, -1, dtype=np.int64)
-    rel = np.zeros(T, dtype=np.int8)
     if S == 0 or T == 0:
-        return Alignment(src_pos, rel)
+        return alignment_from_path([], T)
     cost = cdist(
         list(src_tokens), list(tgt_tokens), scorer=Levenshtein.distance, dtype=np.int32, workers=-1
     ).astype(np.float64)
@@ -179,6 +175,19 @@ def align_dp(src_tokens: Sequence[str], tgt_tokens: Sequence[str]) -> Alignment:
         moves = ((D[i - 1, j - 1], i - 1, j - 1), (D[i - 1, j], i - 1, j), (D[i, j - 1], i, j - 1))
         _, i, j = min(moves, key=lambda m: m[0])
     path.reverse()
+    return alignment_from_path(path, T)
+
+
+def alignment_from_path(path: Sequence[tuple[int, int]], T: int) -> Alignment:
+    """:class:`Alignment` of ``T`` target positions from a monotone (source, target) path.
+
+    A target token matched by one source token that matches only it is 1:1; several
+    source tokens on one target token is many:1 (the last of them closes the same
+    context); one source token over several target tokens is 1:many (it belongs to the
+    last of them).
+    """
+    src_pos = np.full(T, -1, dtype=np.int64)
+    rel = np.zeros(T, dtype=np.int8)
     by_t: dict[int, list[int]] = {}
     by_s: dict[int, list[int]] = {}
     for a, b in path:

@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import align  # noqa: E402
-from align.sequence import ONE_ONE  # noqa: E402
+from align.sequence import ONE_ONE, alignment_from_path  # noqa: E402
 from align.vocab import SPECIAL  # noqa: E402
 
 
@@ -106,16 +106,7 @@ def dtw_baseline(
 
 def path_src_pos(path: list[tuple[int, int]], T: int) -> np.ndarray:
     """Source position per target position from a DTW path (the rules of ``align_dp``)."""
-    src_pos = np.full(T, -1, dtype=np.int64)
-    by_t: dict[int, list[int]] = {}
-    by_s: dict[int, list[int]] = {}
-    for a, b in path:
-        by_t.setdefault(b, []).append(a)
-        by_s.setdefault(a, []).append(b)
-    for b, srcs in by_t.items():
-        if len(srcs) > 1 or len(by_s[srcs[0]]) == 1 or by_s[srcs[0]][-1] == b:
-            src_pos[b] = srcs[-1]
-    return src_pos
+    return alignment_from_path(path, T).src_pos
 
 
 def brute_force_min_ed(query: str, cands: list[tuple[int, str]]) -> int:

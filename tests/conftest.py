@@ -213,3 +213,12 @@ extract:
   head_chunk_tokens: 50
 """
     return write_recipe(tmp_path / "ext.yaml", body)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for torchrun's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

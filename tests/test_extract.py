@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 
 from fusellm.cli import main
 from fusellm.manifest import StageInputsChanged
@@ -18,14 +19,6 @@ from fusellm.recipe import load_recipe
 from fusellm.shards import decode_shard, id_width, iter_docs, pack_ids, unpack_ids
 
 ROOT = Path(__file__).parent.parent
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shard_bytes(run: Path, model: str) -> dict[str, bytes]:

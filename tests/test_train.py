@@ -177,15 +177,14 @@ def test_deepspeed_zero_on_two_cpu_processes(fused, tmp_path, zero):
     """A real ZeRO run on 2 CPU processes (gloo), through torchrun and the CLI; its first
     step's loss equals a 1-process run on the same global batch."""
     import os
-    import socket
     import subprocess
     import sys
 
+    from conftest import free_port
+
     pytest.importorskip("deepspeed")
     ds = Path(__file__).parent.parent / "recipes" / "deepspeed" / f"{zero}.json"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = [
         *TWO,
