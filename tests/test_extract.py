@@ -55,7 +55,10 @@ def test_stored_topk_and_ce_equal_direct_computation(ext_recipe, tiny_models):
         assert man["stats"]["bytes_per_token"] <= 64
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         tok = AutoTokenizer.from_pretrained(path)
-        shards = sorted((run / "extract" / name / "train").glob("shard-*.safetensors"))
+        from fusellm.extract.runner import model_shards
+
+        shards = model_shards(r, name, "train")  # the reader API: complete shards, in order
+        assert shards == sorted((run / "extract" / name / "train").glob("shard-*.safetensors"))
         n = 0
         for d in iter_docs(shards):
             enc = tok(corpus[d.doc_id], return_offsets_mapping=True)

@@ -184,3 +184,22 @@ def test_redact_and_hash(monkeypatch):
         == config_hash({"b": 2, "a": 1})
         != config_hash({"a": 2, "b": 2})
     )
+
+
+def test_deepspeed_config_with_scheduler_is_refused(tmp_path):
+    import json
+
+    good = Path(__file__).parent.parent / "recipes" / "deepspeed" / "zero2.json"
+    for f in sorted(good.parent.glob("*.json")):  # the shipped configs carry neither block
+        assert not {"scheduler", "optimizer"} & set(json.loads(f.read_text()))
+    load_text(tmp_path, BASE + f"train: {{deepspeed: {good}}}\n")
+    bad = tmp_path / "ds.json"
+    bad.write_text(
+        json.dumps({**json.loads(good.read_text()), "scheduler": {"type": "WarmupDecayLR"}})
+    )
+    with pytest.raises(
+        RecipeError, match=r"train\.deepspeed: .*'scheduler' block.*lr_scheduler_type"
+    ):
+        load_text(tmp_path, BASE + f"train: {{deepspeed: {bad}}}\n")
+    with pytest.raises(RecipeError, match=r"train\.deepspeed: no such file"):
+        load_text(tmp_path, BASE + f"train: {{deepspeed: {tmp_path / 'nope.json'}}}\n")

@@ -75,11 +75,6 @@ def _read_docs(path: Path) -> Iterator[tuple[str, str]]:
             yield rec["id"], rec["text"]
 
 
-def _count_lines(path: Path) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for _ in f)
-
-
 def extract_shard(
     scorer: TopKScorer,
     tok,

@@ -74,6 +74,9 @@ def check_train_section(section: dict) -> None:
             and (not isinstance(value, ok) or (ann != "bool" and isinstance(value, bool)))
         ):
             raise ValueError(f"train.{key}: expected {ann}, got {value!r}")
+    ds = section.get("deepspeed")
+    if isinstance(ds, str):
+        _check_deepspeed_json(ds)
     probe = {
         k: section[k]
         for k in ("lm_weight", "teacher_temperature", "fusion_loss", "tail", "block_size")
