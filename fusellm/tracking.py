@@ -57,7 +57,10 @@ class Tracker:
                 dir=str(wandb_dir),
                 mode=mode,
                 config=redact({"stage": stage, **config}),
-                reinit="create_new",
+                # Stages run one after another; the stage's run is the global wandb.run,
+                # so integrations (the HF Trainer's callback) log into it instead of
+                # starting a run of their own with settings wandb read at its first init.
+                reinit="finish_previous",
                 settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
             )
 

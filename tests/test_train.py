@@ -276,3 +276,20 @@ def test_sigkill_after_a_checkpoint_then_resume_through_the_cli(fused, tmp_path)
     a = losses(full_run / "train" / "checkpoints")
     b = losses(ckpts)
     assert sorted(a) == list(range(1, 7)) and a == b
+
+
+def test_whole_pipeline_in_one_process_with_wandb_offline(ext_recipe, monkeypatch):
+    """corpus -> train in one process with W&B on (offline): the Trainer logs into the
+    stage's run rather than starting its own (which would look for an API key)."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    ext_recipe.write_text(
+        ext_recipe.read_text() + SECTIONS.replace("  report_to_placeholder: 1\n", "")
+    )
+    two = [a for a in TWO if not a.startswith("tracking")] + ["tracking.backend=wandb", "tracking.mode=auto"]
+    assert main(["run", str(ext_recipe), "--stages", "corpus,extract,align,fuse,train", *two]) == 0
+    run = ext_recipe.parent / "run"
+    assert json.loads((run / "train" / "manifest.json").read_text())["complete"]
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) >= 5  # corpus, 2 extract, align, fuse, train
+    assert (run / "train" / "metrics.jsonl").exists()

@@ -17,7 +17,7 @@ from fusellm.manifest import StageDir, load_manifest
 from fusellm.models import load_model, load_tokenizer, locate
 from fusellm.recipe import Recipe, config_hash
 from fusellm.sharded import shard_paths
-from fusellm.tracking import wandb_env
+from fusellm.tracking import start_run, wandb_env
 
 log = logging.getLogger(__name__)
 STAGE = "train"
@@ -62,7 +62,10 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
         log.info("train: complete and unchanged at %s (skipped)", sd.path)
         return None
     split = recipe.train.get("train_split", "train")
-    with wandb_env(recipe, STAGE) as wandb_on:
+    with (
+        wandb_env(recipe, STAGE) as wandb_on,
+        start_run(recipe, STAGE, {"train": dict(recipe.train), **fingerprint}) as tracker,
+    ):
         args = build_args(recipe, str(sd.path / "checkpoints"), wandb_on)
         dataset = FusedBlocks(shard_paths(fuse_dir, fuse_man, split, FUSE), args.block_size)
         # Sets up the process group now: ZeRO-3 partitions the weights inside
@@ -105,6 +108,7 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
             "seconds": round(secs, 1),
             "tokens_per_s": round(dataset.total * args.num_train_epochs / max(secs, 1e-9), 1),
         }
+        tracker.summary(stats)
     if args.process_index != 0:
         return None
     files = {
