@@ -286,7 +286,10 @@ def test_whole_pipeline_in_one_process_with_wandb_offline(ext_recipe, monkeypatc
     ext_recipe.write_text(
         ext_recipe.read_text() + SECTIONS.replace("  report_to_placeholder: 1\n", "")
     )
-    two = [a for a in TWO if not a.startswith("tracking")] + ["tracking.backend=wandb", "tracking.mode=auto"]
+    two = [a for a in TWO if not a.startswith("tracking")] + [
+        "tracking.backend=wandb",
+        "tracking.mode=auto",
+    ]
     assert main(["run", str(ext_recipe), "--stages", "corpus,extract,align,fuse,train", *two]) == 0
     run = ext_recipe.parent / "run"
     assert json.loads((run / "train" / "manifest.json").read_text())["complete"]

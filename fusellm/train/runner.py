@@ -23,6 +23,12 @@ log = logging.getLogger(__name__)
 STAGE = "train"
 
 
+def _rank0() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def build_args(recipe: Recipe, output_dir: str, report_wandb: bool):
     from fusellm.train.config import FusionTrainingArguments
 
@@ -64,7 +70,9 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
     split = recipe.train.get("train_split", "train")
     with (
         wandb_env(recipe, STAGE) as wandb_on,
-        start_run(recipe, STAGE, {"train": dict(recipe.train), **fingerprint}) as tracker,
+        start_run(
+            recipe, STAGE, {"train": dict(recipe.train), **fingerprint}, enabled=_rank0()
+        ) as tracker,
     ):
         args = build_args(recipe, str(sd.path / "checkpoints"), wandb_on)
         dataset = FusedBlocks(shard_paths(fuse_dir, fuse_man, split, FUSE), args.block_size)
@@ -76,6 +84,13 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
 
             # On CPU, accelerate sets up torch.distributed but not deepspeed.comm, whose
             # world size ZeRO-3's zero.Init reads while loading the model.
+            if args.device.type == "cpu":
+                # DeepSpeed would JIT-compile an optional shared-memory allreduce op here,
+                # behind a file lock that a killed build leaves held forever (every later
+                # run then hangs). gloo does the collectives without it.
+                import deepspeed.comm.torch as ds_torch
+
+                ds_torch.build_shm_op = lambda: None
             deepspeed.init_distributed(dist_backend="gloo" if args.device.type == "cpu" else "nccl")
         tok = load_tokenizer(spec, recipe.target)
         model = load_model(spec, recipe.target, "cpu").train()
