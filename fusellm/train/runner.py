@@ -124,6 +124,13 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
             "tokens_per_s": round(dataset.total * args.num_train_epochs / max(secs, 1e-9), 1),
         }
         tracker.summary(stats)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # Tear the group down before interpreter exit: live gloo/ZeRO threads at exit can
+        # abort the process after all work is done.
+        dist.barrier()
+        dist.destroy_process_group()
     if args.process_index != 0:
         return None
     files = {
