@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from fusellm.fuse.runner import STAGE as FUSE
 from fusellm.manifest import StageDir, load_manifest
@@ -44,14 +45,6 @@ def build_args(recipe: Recipe, output_dir: str, report_wandb: bool):
 
 
 def run(recipe: Recipe, force: bool = False) -> dict | None:
-    from fusellm.train.data import FusedBlocks, collate
-    from fusellm.train.trainer import (
-        CompletionMarker,
-        FusionTrainer,
-        NonFiniteGradStop,
-        latest_complete_checkpoint,
-    )
-
     if recipe.train is None:
         raise ValueError("the recipe has no 'train:' section")
     fuse_dir = recipe.stage_dir(FUSE)
@@ -63,74 +56,28 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
         "model": locate(spec, recipe.target).identity,
     }
     sd = StageDir(STAGE, recipe.stage_dir(STAGE), fingerprint)
-    # Checkpoints are partial work that a rerun resumes: keep them unless inputs changed.
-    if not sd.prepare(force):
-        log.info("train: complete and unchanged at %s (skipped)", sd.path)
-        return None
     split = recipe.train.get("train_split", "train")
-    with (
-        wandb_env(recipe, STAGE) as wandb_on,
-        start_run(
-            recipe, STAGE, {"train": dict(recipe.train), **fingerprint}, enabled=_rank0()
-        ) as tracker,
-    ):
+    with wandb_env(recipe, STAGE) as wandb_on:
         args = build_args(recipe, str(sd.path / "checkpoints"), wandb_on)
-        dataset = FusedBlocks(shard_paths(fuse_dir, fuse_man, split, FUSE), args.block_size)
-        # Sets up the process group now: ZeRO-3 partitions the weights inside
-        # from_pretrained, which needs the world size (TrainingArguments sets it lazily).
+        # Reading args.device sets up the process group now (TrainingArguments does it
+        # lazily): ZeRO-3 partitions the weights inside from_pretrained and needs the world
+        # size, and only rank 0 may touch the stage directory (ranks racing in prepare()
+        # delete each other's temporary files).
         log.info("train: %d process(es), device %s", args.world_size, args.device)
-        if args.deepspeed and args.world_size > 1:
-            import deepspeed
-
-            # On CPU, accelerate sets up torch.distributed but not deepspeed.comm, whose
-            # world size ZeRO-3's zero.Init reads while loading the model.
-            if args.device.type == "cpu":
-                # DeepSpeed would JIT-compile an optional shared-memory allreduce op here,
-                # behind a file lock that a killed build leaves held forever (every later
-                # run then hangs). gloo does the collectives without it.
-                import deepspeed.comm.torch as ds_torch
-
-                ds_torch.build_shm_op = lambda: None
-            deepspeed.init_distributed(dist_backend="gloo" if args.device.type == "cpu" else "nccl")
-        tok = load_tokenizer(spec, recipe.target)
-        model = load_model(spec, recipe.target, "cpu").train()
-        if args.gradient_checkpointing:
-            model.config.use_cache = False
-        t0 = time.time()
-        trainer = FusionTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            data_collator=collate,
-            callbacks=[NonFiniteGradStop(), CompletionMarker()],
-        )
-        resume = latest_complete_checkpoint(sd.path / "checkpoints")
-        if resume:
-            log.info("train: resuming from %s", resume)
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        out_dir = sd.path / "model"
-        trainer.save_model(str(out_dir))
-        if args.process_index == 0:
-            tok.save_pretrained(str(out_dir))
-            # A pickle of the arguments; the recipe and manifest already record them.
-            (out_dir / "training_args.bin").unlink(missing_ok=True)
-        secs = time.time() - t0
-        stats = {
-            "train_loss": result.training_loss,
-            "global_steps": result.global_step,
-            "blocks": len(dataset),
-            "tokens": dataset.total,
-            "seconds": round(secs, 1),
-            "tokens_per_s": round(dataset.total * args.num_train_epochs / max(secs, 1e-9), 1),
-        }
-        tracker.summary(stats)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        # Tear the group down before interpreter exit: live gloo/ZeRO threads at exit can
-        # abort the process after all work is done.
-        dist.barrier()
-        dist.destroy_process_group()
+        # Checkpoints are partial work that a rerun resumes: keep them unless inputs changed.
+        if not _on_rank0(lambda: sd.prepare(force), args.process_index == 0):
+            log.info("train: complete and unchanged at %s (skipped)", sd.path)
+            _teardown()
+            return None
+        with start_run(
+            recipe, STAGE, {"train": dict(recipe.train), **fingerprint}, enabled=_rank0()
+        ) as tracker:
+            paths = shard_paths(fuse_dir, fuse_man, split, FUSE)
+            stats, out_dir = _train(recipe, args, sd, paths)
+            tracker.summary(stats)
+        # Not on failure: a barrier there would wait for ranks stuck elsewhere; the
+        # launcher stops them when this process exits non-zero.
+        _teardown()
     if args.process_index != 0:
         return None
     files = {
@@ -139,3 +86,95 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
         if p.is_file()
     }
     return sd.finish(files, stats, dict(recipe.train))
+
+
+def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]:
+    """Train on this process; returns the run's stats and the saved model directory."""
+    from fusellm.train.data import FusedBlocks, collate
+    from fusellm.train.trainer import (
+        CompletionMarker,
+        FusionTrainer,
+        NonFiniteGradStop,
+        latest_complete_checkpoint,
+    )
+
+    spec = recipe.models[recipe.target]
+    dataset = FusedBlocks(paths, args.block_size)
+    if args.deepspeed and args.world_size > 1:
+        import deepspeed
+
+        # On CPU, accelerate sets up torch.distributed but not deepspeed.comm, whose
+        # world size ZeRO-3's zero.Init reads while loading the model.
+        if args.device.type == "cpu":
+            # DeepSpeed would JIT-compile an optional shared-memory allreduce op here,
+            # behind a file lock that a killed build leaves held forever (every later
+            # run then hangs). gloo does the collectives without it.
+            # (Not `import deepspeed.comm.torch as m`: that resolves the attribute
+            # deepspeed.comm.torch, which is the torch package itself.)
+            import importlib
+
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        deepspeed.init_distributed(dist_backend="gloo" if args.device.type == "cpu" else "nccl")
+    tok = load_tokenizer(spec, recipe.target)
+    model = load_model(spec, recipe.target, "cpu").train()
+    if args.gradient_checkpointing:
+        model.config.use_cache = False
+    t0 = time.time()
+    trainer = FusionTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collate,
+        callbacks=[NonFiniteGradStop(), CompletionMarker()],
+    )
+    resume = latest_complete_checkpoint(sd.path / "checkpoints")
+    if resume:
+        log.info("train: resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    out_dir = sd.path / "model"
+    trainer.save_model(str(out_dir))
+    if args.process_index == 0:
+        tok.save_pretrained(str(out_dir))
+        # A pickle of the arguments; the recipe and manifest already record them.
+        (out_dir / "training_args.bin").unlink(missing_ok=True)
+    secs = time.time() - t0
+    stats = {
+        "train_loss": result.training_loss,
+        "global_steps": result.global_step,
+        "blocks": len(dataset),
+        "tokens": dataset.total,
+        "seconds": round(secs, 1),
+        "tokens_per_s": round(dataset.total * args.num_train_epochs / max(secs, 1e-9), 1),
+    }
+    return stats, out_dir
+
+
+def _on_rank0(fn, is_rank0: bool):
+    """``fn()`` on rank 0 only, its result (or failure) shared with every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return fn()
+    box: list = [None]
+    if is_rank0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:  # every rank must reach the broadcast, or they all hang
+            box[0] = ("error", e)
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        if is_rank0:
+            raise value
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
+
+
+def _teardown() -> None:
+    """Tear the process group down before interpreter exit: live gloo/ZeRO threads at exit
+    can abort the process after all work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
