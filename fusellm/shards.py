@@ -180,6 +180,13 @@ def _metadata(data: bytes) -> dict[str, str]:
     return json.loads(data[8 : 8 + n]).get("__metadata__", {})
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """A shard's ``__metadata__`` from its header alone (no tensor bytes read)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)).get("__metadata__", {})
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 

@@ -16,7 +16,14 @@ from conftest import free_port
 from fusellm.cli import main
 from fusellm.manifest import StageInputsChanged
 from fusellm.recipe import load_recipe
-from fusellm.shards import decode_shard, id_width, iter_docs, pack_ids, unpack_ids
+from fusellm.shards import (
+    decode_shard,
+    id_width,
+    iter_docs,
+    pack_ids,
+    read_metadata,
+    unpack_ids,
+)
 
 ROOT = Path(__file__).parent.parent
 
@@ -59,6 +66,7 @@ def test_stored_topk_and_ce_equal_direct_computation(ext_recipe, tiny_models):
 
         shards = model_shards(r, name, "train")  # the reader API: complete shards, in order
         assert shards == sorted((run / "extract" / name / "train").glob("shard-*.safetensors"))
+        assert read_metadata(shards[0]) == decode_shard(shards[0].read_bytes())[1]
         n = 0
         for d in iter_docs(shards):
             enc = tok(corpus[d.doc_id], return_offsets_mapping=True)

@@ -22,7 +22,7 @@ from fusellm.manifest import load_manifest
 from fusellm.models import load_tokenizer
 from fusellm.recipe import Recipe, config_hash
 from fusellm.sharded import Rank, finish_if_complete, pending_shards, prepare_dir, sidecar_records
-from fusellm.shards import encode_shard, read_shard, shard_name, write_shard
+from fusellm.shards import encode_shard, read_metadata, read_shard, shard_name, write_shard
 from fusellm.tracking import start_run
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,7 @@ STAGE = "align"
 
 
 def _vocab_size(shard) -> int:
-    _, meta = read_shard(shard, verify=False)
-    return int(meta["vocab_size"])
+    return int(read_metadata(shard)["vocab_size"])
 
 
 def run(recipe: Recipe, force: bool = False) -> dict[str, dict | None]:

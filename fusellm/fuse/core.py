@@ -99,8 +99,9 @@ def min_ce(cands: list[Candidate], p: FuseParams) -> Fused:
         return ids, lps, cands[s].aligned.copy(), np.eye(n)[s]
     ce = _token_ce(cands)
     best = np.argmin(ce, axis=0)  # all-inf columns -> 0 (the first candidate's row)
-    ids = np.stack([_fit(c.ids, c.logprobs, p.k_out)[0] for c in cands])[best, np.arange(T)]
-    lps = np.stack([_fit(c.ids, c.logprobs, p.k_out)[1] for c in cands])[best, np.arange(T)]
+    fits = [_fit(c.ids, c.logprobs, p.k_out) for c in cands]
+    ids = np.stack([f[0] for f in fits])[best, np.arange(T)]
+    lps = np.stack([f[1] for f in fits])[best, np.arange(T)]
     aligned = np.isfinite(ce).any(axis=0) | cands[0].aligned
     weights = np.bincount(best, minlength=n) / max(T, 1)
     return ids, lps, aligned, weights

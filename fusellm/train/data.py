@@ -42,6 +42,7 @@ class FusedBlocks(torch.utils.data.Dataset):
         self.total = int(self.starts[-1])
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._cache_size = cache_shards
+        self._verified: set[int] = set()
         self.k = self._shard(0)["ids"].shape[1]
 
     def __len__(self) -> int:
@@ -51,7 +52,10 @@ class FusedBlocks(torch.utils.data.Dataset):
         if i in self._cache:
             self._cache.move_to_end(i)
             return self._cache[i]
-        docs, _ = read_shard(self.shards[i])
+        # A shard is re-read whenever it falls out of the cache (every epoch, every
+        # shuffled visit): hash it once, not on each read.
+        docs, _ = read_shard(self.shards[i], verify=i not in self._verified)
+        self._verified.add(i)
         ids = np.concatenate([d.input_ids for d in docs]).astype(np.int64)
         labels = np.concatenate(
             [np.append(d.input_ids[1:], IGNORE) for d in docs if len(d.input_ids)] or [np.zeros(0)]
