@@ -81,12 +81,18 @@ def _run_stages(recipe, names: list[str], force: bool, explicit: bool) -> None:
     log = logging.getLogger("fusellm")
     for name in names:
         st = STAGES[name]
-        if getattr(recipe, name) is None:
+        section = st.section_name
+        if getattr(recipe, section) is None:
             if explicit:
-                raise ValueError(f"stage '{name}' has no '{name}:' section in the recipe")
+                raise ValueError(f"stage '{name}' has no '{section}:' section in the recipe")
             log.info(
-                "== stage %s: not configured in the recipe (no '%s:' section), skipped", name, name
+                "== stage %s: not configured in the recipe (no '%s:' section), skipped",
+                name,
+                section,
             )
+            continue
+        if not explicit and not st.wanted(recipe):
+            log.info("== stage %s: not listed in bench.models, skipped", name)
             continue
         if not st.built:
             raise StageNotBuilt(st)
@@ -124,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             import yaml
 
             print(
-                yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True),
+                yaml.safe_dump(
+                    recipe.model_dump(mode="json", by_alias=True),
+                    sort_keys=False,
+                    allow_unicode=True,
+                ),
                 end="",
             )
             return 0
@@ -154,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         CorruptArtifact,
         ValueError,
         FileNotFoundError,
+        TimeoutError,
     ) as e:
         print(f"fusellm: error: {e}", file=sys.stderr)
         return 2

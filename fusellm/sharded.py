@@ -47,30 +47,58 @@ class Rank:
         return shard % self.world == self.rank
 
 
-def prepare_dir(path: Path, fingerprint: dict, force: bool, rank: Rank, label: str) -> None:
-    """Check the recorded fingerprint; clear this rank's shards when forced or stale.
+def prepare_dir(
+    path: Path, fingerprint: dict, force: bool, rank: Rank, label: str, wait_s: float = 1800.0
+) -> None:
+    """Check the recorded fingerprint; clear stale shards (or this rank's, when forced).
 
     Raises :class:`StageInputsChanged` (naming the differing fields) when shards made from
-    other inputs exist and ``force`` is not set.
+    other inputs exist and ``force`` is not set. With several ranks, rank 0 alone judges
+    staleness and records the fingerprint; unforced ranks wait for that record, so none of
+    them can take a stale shard for a finished one.
     """
     path.mkdir(parents=True, exist_ok=True)
     fp_file = path / FINGERPRINT
+    if rank.rank != 0 and not force:
+        _wait_for(fp_file, fingerprint, wait_s, label)
+        remove_temp_files(path)
+        return
     old = read_json(fp_file) if fp_file.exists() else None
-    if old is not None and old != fingerprint and not force and any(path.glob("*/shard-*")):
+    stale = old is not None and old != fingerprint
+    if stale and not force and any(path.glob("*/shard-*")):
         fields = ", ".join(diff_fields(old, fingerprint)[:5])
         raise StageInputsChanged(
             f"{label}: {path} holds shards made from different inputs or config "
             f"(differs: {fields}). Pass --force to recompute, or use another run_dir."
         )
-    if force or (old is not None and old != fingerprint):
+    if force or stale:  # (stale here means no shards exist: nothing of value to keep)
         for p in path.glob("*/shard-*.safetensors"):
-            if rank.owns(int(p.name[6:11])):
+            if rank.owns(int(p.name[6:11])):  # each forced rank clears only its own
                 p.unlink(missing_ok=True)
                 sidecar(p).unlink(missing_ok=True)
         if rank.rank == 0:
             (path / MANIFEST).unlink(missing_ok=True)
     remove_temp_files(path)
-    atomic_write_json(fp_file, fingerprint)
+    if rank.rank == 0:
+        atomic_write_json(fp_file, fingerprint)
+
+
+def _wait_for(fp_file: Path, fingerprint: dict, wait_s: float, label: str) -> None:
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if read_json(fp_file) == fingerprint:
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{label}: rank 0 has not recorded this run's fingerprint in {fp_file} after "
+                f"{wait_s:.0f}s; see rank 0's log"
+            )
+        time.sleep(0.5)
 
 
 def pending_shards(

@@ -11,11 +11,16 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 TMP_MARK = ".tmp-"
+# Temp names carry host and pid, so that a process cleaning up after killed writers can
+# tell them from live ones (other ranks writing into the same directory right now).
+_HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64]
 
 
 @contextlib.contextmanager
@@ -27,7 +32,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{_HOST}-{os.getpid()}")
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
@@ -63,12 +68,33 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+def _writer_dead(p: Path) -> bool:
+    """Whether the process that named temp file ``p`` is gone. Only decidable on its own
+    host: another host's temp files are left alone (readers never look at them)."""
+    host, _, pid = p.name.rpartition(TMP_MARK)[2].rpartition("-")
+    if not pid.isdigit():
+        return True  # not a name atomic_open makes: a stray leftover
+    if host and host != _HOST:
+        return False
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by someone else
+        return False
+    return False
+
+
 def remove_temp_files(directory: str | os.PathLike) -> list[Path]:
-    """Delete leftovers of killed writers under ``directory``; returns what was removed."""
+    """Delete leftovers of killed writers under ``directory``; returns what was removed.
+
+    Temp files of live processes (other ranks writing now) are kept."""
     directory = Path(directory)
     if not directory.exists():
         return []
-    gone = [p for p in directory.rglob(f"*{TMP_MARK}*") if p.is_file()]
+    gone = [p for p in directory.rglob(f"*{TMP_MARK}*") if p.is_file() and _writer_dead(p)]
     for p in gone:
         _unlink(p)
     return gone
