@@ -28,9 +28,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fusellm.align.config import AlignConfig
+from fusellm.bench.config import BenchConfig
 from fusellm.corpus.config import CorpusConfig
 from fusellm.extract.config import ExtractConfig
 from fusellm.fuse.config import FuseConfig
+from fusellm.merge.config import EvolveConfig, MergeSpec
 
 
 class RecipeError(ValueError):
@@ -91,9 +93,9 @@ class Recipe(StrictModel):
     align: AlignConfig | None = None
     fuse: FuseConfig | None = None
     train: OpaqueSection | None = None  # checked against FusionTrainingArguments
-    merge: OpaqueSection | None = None
-    evolve: OpaqueSection | None = None
-    bench: OpaqueSection | None = None
+    merge: dict[str, MergeSpec] | None = None  # name -> one merge
+    evolve: EvolveConfig | None = None
+    bench: BenchConfig | None = None
 
     @model_validator(mode="after")
     def _names_exist(self) -> Recipe:

@@ -19,6 +19,20 @@ class Stage:
     help: str
     runner: str | None  # "module:function" taking (recipe, force) ; None = not built yet
     issue: int
+    section: str = ""  # the recipe section it reads (default: its name)
+    # Run by `fusellm run` only when `bench.models` lists it (a baseline nobody compares
+    # against is wasted compute); asking for the stage by name always runs it.
+    on_demand: bool = False
+
+    @property
+    def section_name(self) -> str:
+        return self.section or self.name
+
+    def wanted(self, recipe) -> bool:
+        if not self.on_demand:
+            return True
+        bench = getattr(recipe, "bench", None)
+        return bench is not None and self.name in bench.models
 
     @property
     def built(self) -> bool:
@@ -62,12 +76,30 @@ STAGES: dict[str, Stage] = {
             "fusellm.train.runner:run",
             5,
         ),
-        Stage("merge", "weight-merge same-architecture models with mergekit (baseline)", None, 6),
-        Stage("evolve", "CMA-ES search over merge recipes (baseline)", None, 6),
+        Stage(
+            "clm_only",
+            "the CLM-only baseline: the same training run with λ = 1 on the same tokens",
+            "fusellm.train.runner:run_clm_only",
+            7,
+            section="train",
+            on_demand=True,
+        ),
+        Stage(
+            "merge",
+            "weight-merge same-architecture models with mergekit (baseline)",
+            "fusellm.merge.runner:run",
+            6,
+        ),
+        Stage(
+            "evolve",
+            "CMA-ES search over merge weights/densities on dev bits per byte (baseline)",
+            "fusellm.merge.runner:run_evolve",
+            6,
+        ),
         Stage(
             "bench",
             "compare fused, CLM-only, merged models and sources (bits per byte, tasks)",
-            None,
+            "fusellm.bench.runner:run",
             7,
         ),
     ]

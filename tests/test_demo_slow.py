@@ -133,9 +133,9 @@ def test_offsets_and_dp_alignment_agree_on_real_tokenizers():
         assert total > 500 and agree / total >= 0.97, (s, t, agree / total)
 
 
-def test_quickstart_end_to_end_through_fuse(tmp_path):
-    """The README's main job on a reduced corpus: corpus -> extract -> align -> fuse on the
-    real models, then a clear stop at the first stage that is not built."""
+def test_quickstart_end_to_end(tmp_path):
+    """The README's main job on a reduced corpus and 8 items per task: every stage on the
+    real models, ending with a bench table of target vs CLM-only vs fused."""
     from fusellm.cli import main
     from fusellm.stages import NOT_BUILT_EXIT, STAGES
 
@@ -146,6 +146,7 @@ def test_quickstart_end_to_end_through_fuse(tmp_path):
         "corpus.inputs.3.max_docs=6",
         f"run_dir={tmp_path}",
         "tracking.mode=offline",
+        "bench.limit=8",
     ]
     rc = main(["run", str(QUICKSTART), *small])
     unbuilt = [
@@ -163,3 +164,11 @@ def test_quickstart_end_to_end_through_fuse(tmp_path):
         assert ex["stats"]["bytes_per_token"] <= 64
     assert main(["verify", str(tmp_path)]) == 0
     assert any((tmp_path / "wandb").glob("offline-run-*"))
+    res = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert res["models"] == ["target", "clm_only", "fused", "merge:ties", "evolve", "gemma3"]
+    bpb = {
+        r["model"]: r["value"] for r in res["rows"] if r["metric"] == "bpb" and r["group"] == "all"
+    }
+    assert all(0.3 < v < 3.0 for v in bpb.values()), bpb  # real models on real text
+    md = (tmp_path / "bench" / "results.md").read_text()
+    assert all(f"| {m} |" in md for m in res["models"])

@@ -300,3 +300,28 @@ def test_whole_pipeline_in_one_process_with_wandb_offline(ext_recipe, monkeypatc
     runs = list((run / "wandb").glob("offline-run-*"))
     assert len(runs) >= 5  # corpus, 2 extract, align, fuse, train
     assert (run / "train" / "metrics.jsonl").exists()
+
+
+def test_clm_only_baseline_is_the_same_run_with_lambda_one(fused, caplog):
+    """The λ = 1 baseline sees the same blocks in the same order; `run` builds it only when
+    bench compares against it, and bench then scores base, CLM-only and fused."""
+    run = fused.parent / "run"
+    with caplog.at_level("INFO"):
+        assert main(["run", str(fused), *TWO]) == 0
+    assert "stage bench: not configured" in caplog.text
+    assert not (run / "clm_only").exists()  # no bench lists it: not built
+    fused.write_text(fused.read_text() + "bench: {tasks: [lm]}\n")
+    assert main(["run", str(fused), *TWO]) == 0
+    cl = json.loads((run / "clm_only" / "manifest.json").read_text())
+    tr = json.loads((run / "train" / "manifest.json").read_text())
+    assert cl["config"]["lm_weight"] == 1.0 and tr["config"]["lm_weight"] == 0.5
+    assert cl["stats"]["tokens"] == tr["stats"]["tokens"]
+    assert cl["stats"]["global_steps"] == tr["stats"]["global_steps"]
+    hist = json.loads((run / "clm_only/checkpoints/checkpoint-4/trainer_state.json").read_text())
+    for h in (h for h in hist["log_history"] if "loss" in h):
+        assert abs(h["loss"] - h["loss_clm"]) < 1e-3 * h["loss"]
+    res = json.loads((run / "bench" / "results.json").read_text())
+    assert res["models"] == ["target", "clm_only", "fused"]
+    bpb = {r["model"]: r for r in res["rows"] if r["metric"] == "bpb" and r["group"] == "all"}
+    assert len({round(r["value"], 9) for r in bpb.values()}) == 3  # three different models
+    assert "diff" in bpb["fused"] and "diff" not in bpb["target"]

@@ -22,6 +22,7 @@ from fusellm.tracking import start_run, wandb_env
 
 log = logging.getLogger(__name__)
 STAGE = "train"
+CLM_ONLY = "clm_only"
 
 
 def _rank0() -> bool:
@@ -30,14 +31,16 @@ def _rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def build_args(recipe: Recipe, output_dir: str, report_wandb: bool):
+def build_args(
+    recipe: Recipe, output_dir: str, report_wandb: bool, stage: str = STAGE, **overrides
+):
     from fusellm.train.config import FusionTrainingArguments
 
-    section = dict(recipe.train)
+    section = {**recipe.train, **overrides}
     section.setdefault("seed", recipe.seed)
     return FusionTrainingArguments(
         output_dir=output_dir,
-        run_name=f"{recipe.name}/{STAGE}",
+        run_name=f"{recipe.name}/{stage}",
         report_to=["wandb"] if report_wandb else [],
         remove_unused_columns=False,
         **section,
@@ -45,32 +48,43 @@ def build_args(recipe: Recipe, output_dir: str, report_wandb: bool):
 
 
 def run(recipe: Recipe, force: bool = False) -> dict | None:
+    return _run(recipe, force, STAGE, {})
+
+
+def run_clm_only(recipe: Recipe, force: bool = False) -> dict | None:
+    """The paper's CLM baseline: the ``train:`` run with λ = 1 (no fusion term), on the
+    same fused blocks in the same order, saved at ``run_dir/clm_only/model``."""
+    return _run(recipe, force, CLM_ONLY, {"lm_weight": 1.0})
+
+
+def _run(recipe: Recipe, force: bool, stage: str, overrides: dict) -> dict | None:
     if recipe.train is None:
         raise ValueError("the recipe has no 'train:' section")
     fuse_dir = recipe.stage_dir(FUSE)
     fuse_man = load_manifest(fuse_dir, FUSE)
     spec = recipe.models[recipe.target]
+    config = {**recipe.train, **overrides}
     fingerprint = {
-        "config": dict(recipe.train),
+        "config": config,
         "fused": config_hash(fuse_man["files"]),
         "model": locate(spec, recipe.target).identity,
     }
-    sd = StageDir(STAGE, recipe.stage_dir(STAGE), fingerprint)
+    sd = StageDir(stage, recipe.stage_dir(stage), fingerprint)
     split = recipe.train.get("train_split", "train")
-    with wandb_env(recipe, STAGE) as wandb_on:
-        args = build_args(recipe, str(sd.path / "checkpoints"), wandb_on)
+    with wandb_env(recipe, stage) as wandb_on:
+        args = build_args(recipe, str(sd.path / "checkpoints"), wandb_on, stage, **overrides)
         # Reading args.device sets up the process group now (TrainingArguments does it
         # lazily): ZeRO-3 partitions the weights inside from_pretrained and needs the world
         # size, and only rank 0 may touch the stage directory (ranks racing in prepare()
         # delete each other's temporary files).
-        log.info("train: %d process(es), device %s", args.world_size, args.device)
+        log.info("%s: %d process(es), device %s", stage, args.world_size, args.device)
         # Checkpoints are partial work that a rerun resumes: keep them unless inputs changed.
         if not _on_rank0(lambda: sd.prepare(force), args.process_index == 0):
-            log.info("train: complete and unchanged at %s (skipped)", sd.path)
+            log.info("%s: complete and unchanged at %s (skipped)", stage, sd.path)
             _teardown()
             return None
         with start_run(
-            recipe, STAGE, {"train": dict(recipe.train), **fingerprint}, enabled=_rank0()
+            recipe, stage, {"train": config, **fingerprint}, enabled=_rank0()
         ) as tracker:
             paths = shard_paths(fuse_dir, fuse_man, split, FUSE)
             stats, out_dir = _train(recipe, args, sd, paths)
@@ -85,7 +99,7 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
         for p in sorted(out_dir.iterdir())
         if p.is_file()
     }
-    return sd.finish(files, stats, dict(recipe.train))
+    return sd.finish(files, stats, config)
 
 
 def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]:

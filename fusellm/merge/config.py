@@ -1,0 +1,94 @@
+"""The ``merge:`` and ``evolve:`` recipe sections."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Method = Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"]
+#: Methods that merge task vectors (model − base) and therefore need a base model.
+NEEDS_BASE = {"task_arithmetic", "ties", "dare_ties", "dare_linear"}
+#: Methods with a density (fraction of each task vector kept).
+HAS_DENSITY = {"ties", "dare_ties", "dare_linear"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class MergeInput(_Strict):
+    """One merged model. A list gives one value per layer group (see ``layer_groups``)."""
+
+    model: str = Field(description="a name in models:, or target / fused / clm_only")
+    weight: float | list[float] = 1.0
+    density: float | list[float] = 1.0
+
+
+class MergeSpec(_Strict):
+    """One merge: ``method`` over ``models`` relative to ``base``, via mergekit.
+
+    Formulas (δ_i = θ_i − θ_base): linear θ = Σ w_i θ_i / Σ w_i; task_arithmetic
+    θ = θ_base + λ Σ w_i δ_i; ties keeps the top-``density`` |δ_i| entries, elects a sign
+    per entry and averages the agreeing ones; dare_* drop entries at random with
+    probability 1 − density and rescale the rest so that each task vector keeps its L1
+    norm (mergekit's rescale; 1/density in expectation).
+    """
+
+    method: Method
+    base: str | None = Field(None, description="base model (required by task-vector methods)")
+    models: list[MergeInput] = Field(min_length=1)
+    normalize: bool | None = Field(None, description="divide by Σ weights (method default)")
+    lambda_: float | None = Field(None, alias="lambda", description="scale of the merged delta")
+    layer_groups: int = Field(1, ge=1, description="contiguous layer groups for list values")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = Field(0, description="seeds DARE's random drops")
+
+    @model_validator(mode="after")
+    def _check(self) -> MergeSpec:
+        if self.method in NEEDS_BASE and self.base is None:
+            raise ValueError(f"method '{self.method}' merges task vectors: it needs a base model")
+        for i, m in enumerate(self.models):
+            for key in ("weight", "density"):
+                v = getattr(m, key)
+                if isinstance(v, list) and len(v) != self.layer_groups:
+                    raise ValueError(
+                        f"models.{i}.{key}: {len(v)} values for layer_groups={self.layer_groups}"
+                    )
+            dens = m.density if isinstance(m.density, list) else [m.density]
+            if any(not 0.0 < d <= 1.0 for d in dens):
+                raise ValueError(f"models.{i}.density: must be in (0, 1], got {m.density}")
+            if m.density != 1.0 and self.method not in HAS_DENSITY:
+                raise ValueError(f"models.{i}.density: method '{self.method}' has no density")
+        return self
+
+
+class EvolveConfig(_Strict):
+    """CMA-ES over a merge's per-model weights (and densities), Akiba et al. 2024.
+
+    Fitness is bits per byte on the corpus ``split`` (the dev split; never the test split),
+    lower is better. Each candidate is merged in memory and scored; nothing is written per
+    candidate. Every generation is logged and checkpointed; a killed search resumes.
+    """
+
+    method: Method = "ties"
+    base: str | None = None
+    models: list[str] = Field(min_length=1)
+    search_density: bool = Field(True, description="also search densities (methods that have one)")
+    layer_groups: int = Field(1, ge=1)
+    weight_bounds: list[float] = Field([0.0, 1.0], min_length=2, max_length=2)
+    density_bounds: list[float] = Field([0.1, 1.0], min_length=2, max_length=2)
+    sigma0: float = Field(0.2, gt=0.0)
+    popsize: int | None = Field(None, ge=2, description="default: CMA-ES's 4 + 3 ln(dim)")
+    generations: int = Field(10, ge=1)
+    split: Literal["valid", "train"] = "valid"
+    max_docs: int | None = Field(64, ge=1, description="dev documents scored per candidate")
+    max_length: int = Field(1024, ge=8)
+    batch_tokens: int = Field(2048, ge=64)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> EvolveConfig:
+        if self.method in NEEDS_BASE and self.base is None:
+            raise ValueError(f"method '{self.method}' merges task vectors: it needs a base model")
+        return self

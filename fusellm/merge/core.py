@@ -1,0 +1,146 @@
+"""Merging state dicts through mergekit's in-memory API (the pure part of ``merge``).
+
+mergekit does the arithmetic (``mergekit.merge_methods.api.merge_state_dicts``); this
+module adds what a recipe needs around it: per-layer-group values (tensors are split into
+``layer_groups`` contiguous groups of transformer layers, each merged with its own
+weights/densities), seeded DARE drops, compatibility checks that explain themselves, and
+the equivalent mergekit YAML.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+class MergeRefused(ValueError):
+    """Models that weight merging cannot combine (the message says why)."""
+
+
+def layer_of(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def group_of(name: str, num_layers: int, groups: int) -> int:
+    """Layer ``i`` → group ``i·groups // num_layers``; embeddings go with the first group,
+    everything else outside the layers (final norm, LM head) with the last."""
+    i = layer_of(name)
+    if i is not None:
+        return min(i * groups // max(num_layers, 1), groups - 1)
+    return 0 if "embed" in name or "wte" in name or "wpe" in name else groups - 1
+
+
+def check_compatible(
+    configs: Mapping[str, Any],
+    tokenizers: Mapping[str, str],
+    shapes: Mapping[str, Mapping[str, tuple]],
+) -> None:
+    """Refuse models of different architectures, tokenizers or tensor shapes."""
+    names = list(configs)
+    first = names[0]
+    advice = (
+        "weight merging needs one architecture and one vocabulary; "
+        "combine heterogeneous models with fusion instead (extract → align → fuse → train)"
+    )
+    for n in names[1:]:
+        a, b = configs[first], configs[n]
+        if getattr(a, "model_type", None) != getattr(b, "model_type", None):
+            raise MergeRefused(f"'{n}' is {b.model_type} but '{first}' is {a.model_type}: {advice}")
+        if tokenizers[n] != tokenizers[first]:
+            raise MergeRefused(f"'{n}' and '{first}' have different tokenizers: {advice}")
+        sa, sb = shapes[first], shapes[n]
+        if set(sa) != set(sb):
+            diff = sorted(set(sa) ^ set(sb))[:3]
+            raise MergeRefused(
+                f"'{n}' and '{first}' have different tensors (e.g. {diff}): {advice}"
+            )
+        bad = [k for k in sa if sa[k] != sb[k]]
+        if bad:
+            raise MergeRefused(
+                f"'{n}' and '{first}' differ in shape at {bad[0]} ({sb[bad[0]]} vs {sa[bad[0]]}): {advice}"
+            )
+
+
+def _at(v: float | list[float], g: int) -> float:
+    return float(v[g]) if isinstance(v, list) else float(v)
+
+
+def merge(
+    states: Mapping[str, Mapping[str, torch.Tensor]],
+    method: str,
+    weights: Mapping[str, float | list[float]],
+    densities: Mapping[str, float | list[float]] | None = None,
+    base: str | None = None,
+    normalize: bool | None = None,
+    lam: float | None = None,
+    layer_groups: int = 1,
+    num_layers: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Merge ``states`` (name → state dict, the base among them when given) with mergekit.
+
+    ``weights``/``densities``: per non-base model, a scalar or one value per layer group.
+    Returns a new state dict in ``dtype`` (float tensors), in the first state's key order.
+    """
+    try:
+        from mergekit.merge_methods.api import merge_state_dicts
+    except ImportError as e:
+        raise ValueError(f"merging needs mergekit: pip install -e '.[merge]' ({e})") from None
+
+    densities = densities or {}
+    names = list(next(iter(states.values())))
+    by_group: dict[int, list[str]] = {}
+    for n in names:
+        by_group.setdefault(group_of(n, num_layers, layer_groups), []).append(n)
+    out: dict[str, torch.Tensor] = {}
+    gen = torch.Generator().manual_seed(seed)
+    for g, keys in sorted(by_group.items()):
+        params: dict[str, Any] = {
+            "weight": {m: _at(w, g) for m, w in weights.items()},
+        }
+        if densities:
+            params["density"] = {m: _at(d, g) for m, d in densities.items()}
+        if normalize is not None:
+            params["normalize"] = normalize
+        if lam is not None:
+            params["lambda"] = lam
+        sub = {m: {k: sd[k] for k in keys} for m, sd in states.items()}
+        # DARE draws its masks from torch's global generator: seed it per group so that a
+        # merge is a function of its config (CMA-ES compares candidates, resumes reproduce).
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        with torch.no_grad():
+            res = merge_state_dicts(sub, method, parameters=params, base=base, dtype=torch.float32)
+        for k, v in res.items():
+            out[k] = v.to(dtype) if v.is_floating_point() else v
+    return {k: out[k] for k in names}
+
+
+def mergekit_yaml(
+    method: str,
+    models: Mapping[str, dict[str, Any]],
+    base_path: str | None,
+    paths: Mapping[str, str],
+    extra: Mapping[str, Any],
+    dtype: str,
+) -> str:
+    """The merge as a mergekit config (``mergekit-yaml`` reproduces it; list values are a
+    mergekit *gradient*, interpolated over layers, where fusellm uses piecewise groups)."""
+    import yaml
+
+    doc: dict[str, Any] = {
+        "merge_method": method,
+        "models": [{"model": paths[m], "parameters": p} for m, p in models.items()],
+        "dtype": dtype,
+    }
+    if base_path:
+        doc["base_model"] = base_path
+    if extra:
+        doc["parameters"] = dict(extra)
+    return yaml.safe_dump(doc, sort_keys=False)

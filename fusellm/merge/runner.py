@@ -1,0 +1,365 @@
+"""``fusellm merge`` and ``fusellm evolve``: weight-merge baselines for fused models.
+
+``merge``: each named merge in the ``merge:`` section → ``run_dir/merge/NAME/model`` (an HF
+directory) plus ``mergekit.yaml``. ``evolve``: CMA-ES over a merge's weights/densities with
+dev-split bits per byte as fitness → ``run_dir/evolve/model``, ``mergekit.yaml``,
+``generations.csv``. Both hold the input models in memory (fine up to a few B parameters on
+one machine); for 7B-scale merges run the written ``mergekit.yaml`` with ``mergekit-yaml``,
+which streams tensors lazily.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from fusellm.manifest import StageDir
+from fusellm.merge.config import HAS_DENSITY, NEEDS_BASE, EvolveConfig, MergeSpec
+from fusellm.merge.core import check_compatible, merge, mergekit_yaml
+from fusellm.models import load_model, load_tokenizer, locate, tokenizer_fingerprint
+from fusellm.recipe import ModelSpec, Recipe
+from fusellm.refs import resolve
+from fusellm.storage import atomic_write_bytes, atomic_write_json
+from fusellm.tracking import start_run
+
+log = logging.getLogger(__name__)
+
+
+class Inputs:
+    """The models of one merge, loaded once: state dicts, configs, tokenizer."""
+
+    def __init__(self, recipe: Recipe, refs: list[str], where: str):
+        if len(set(refs)) != len(refs):
+            raise ValueError(f"{where}: a model appears twice in {refs}")
+        self.specs: dict[str, tuple[str, ModelSpec]] = {}
+        for i, ref in enumerate(refs):
+            found = resolve(recipe, ref, f"{where}.{i}")
+            if len(found) != 1:
+                raise ValueError(f"{where}.{i}: '{ref}' names {len(found)} models; list them")
+            self.specs[ref] = found[0]
+        self.identities = {r: locate(s, n).identity for r, (n, s) in self.specs.items()}
+        self.models = {r: load_model(s, n) for r, (n, s) in self.specs.items()}
+        self.tokenizer = load_tokenizer(*reversed(self.specs[refs[0]]))
+        tok_fp = {
+            r: tokenizer_fingerprint(load_tokenizer(s, n)) for r, (n, s) in self.specs.items()
+        }
+        self.states = {r: m.state_dict() for r, m in self.models.items()}
+        check_compatible(
+            {r: m.config for r, m in self.models.items()},
+            tok_fp,
+            {r: {k: tuple(v.shape) for k, v in sd.items()} for r, sd in self.states.items()},
+        )
+        first = self.models[refs[0]]
+        self.num_layers = int(getattr(first.config, "num_hidden_layers", 1) or 1)
+        # Merges are loaded into a separate model: the state dicts above share storage
+        # with the inputs' parameters, which must stay intact across candidates.
+        self.work = copy.deepcopy(first)
+
+    def location(self, ref: str) -> str:
+        n, s = self.specs[ref]
+        return locate(s, n).location
+
+    def save(self, merged: dict[str, torch.Tensor], out_dir) -> None:
+        """Write ``merged`` with the first model's config and the shared tokenizer."""
+        self.work.load_state_dict(merged)
+        self.work.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _files(sd: StageDir) -> dict[str, dict]:
+    return {
+        str(p.relative_to(sd.path)): sd.file_record(str(p.relative_to(sd.path)))
+        for p in sorted(sd.path.rglob("*"))
+        if p.is_file()
+        and p.name not in ("manifest.json", "fingerprint.json", "metrics.jsonl")
+        and p.suffix != ".pkl"
+    }
+
+
+def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
+    if not recipe.merge:
+        raise ValueError("the recipe has no 'merge:' section")
+    return {name: merge_one(recipe, name, spec, force) for name, spec in recipe.merge.items()}
+
+
+def merge_one(recipe: Recipe, name: str, spec: MergeSpec, force: bool) -> dict | None:
+    where = f"merge.{name}"
+    base = spec.base if spec.method in NEEDS_BASE else None
+    refs = ([base] if base else []) + [m.model for m in spec.models]
+    # Identities first (cheap), so a complete merge is skipped without loading anything.
+    ids = {}
+    for i, r in enumerate(refs):
+        for n, s in resolve(recipe, r, f"{where}.models.{i}"):
+            ids[r] = locate(s, n).identity
+    fp = {"spec": spec.model_dump(mode="json", by_alias=True), "inputs": ids}
+    sd = StageDir(f"merge '{name}'", recipe.stage_dir("merge") / name, fp)
+    if not sd.prepare(force):
+        log.info("merge %s: complete and unchanged (skipped)", name)
+        return None
+    inp = Inputs(recipe, refs, f"{where}.models")
+    weights = {m.model: m.weight for m in spec.models}
+    dens = {m.model: m.density for m in spec.models} if spec.method in HAS_DENSITY else None
+    with start_run(recipe, "merge", {"name": name, **fp}) as tracker:
+        merged = merge(
+            inp.states,
+            spec.method,
+            weights,
+            dens,
+            base,
+            spec.normalize,
+            spec.lambda_,
+            spec.layer_groups,
+            inp.num_layers,
+            spec.seed,
+            _dtype(spec.dtype),
+        )
+        inp.save(merged, sd.path / "model")
+        params = {
+            m.model: {"weight": m.weight, **({"density": m.density} if dens else {})}
+            for m in spec.models
+        }
+        extra = {
+            k: v
+            for k, v in (("normalize", spec.normalize), ("lambda", spec.lambda_))
+            if v is not None
+        }
+        yaml_text = mergekit_yaml(
+            spec.method,
+            params,
+            inp.location(base) if base else None,
+            {r: inp.location(r) for r in refs},
+            extra,
+            spec.dtype,
+        )
+        atomic_write_bytes(sd.path / "mergekit.yaml", yaml_text.encode())
+        stats = {"method": spec.method, "models": len(spec.models), "tensors": len(merged)}
+        tracker.summary(stats)
+    log.info(
+        "merge %s: %s of %s -> %s",
+        name,
+        spec.method,
+        [m.model for m in spec.models],
+        sd.path / "model",
+    )
+    return sd.finish(_files(sd), stats, fp["spec"])
+
+
+# ---------------------------------------------------------------------------- evolve
+
+
+def _dev_units(recipe: Recipe, cfg: EvolveConfig, tok):
+    from fusellm.bench.score import document_units
+    from fusellm.bench.tasks import load_lm
+
+    task = load_lm(recipe.stage_dir("corpus"), cfg.split, cfg.max_docs, cfg.seed)
+    units = [u for it in task.items for u in document_units(tok, it.requests[0][1], cfg.max_length)]
+    nbytes = sum(len(it.requests[0][1].encode("utf-8")) for it in task.items)
+    return units, nbytes, len(task.items)
+
+
+def bits_per_byte(model, tok, units, nbytes: int, batch_tokens: int) -> float:
+    """Σ NLL / (ln 2 · Σ bytes) of ``units`` (see :mod:`fusellm.bench.score`)."""
+    from fusellm.bench.score import LogProbModel, batches, prefix_id
+
+    lpm = LogProbModel([model])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else prefix_id(tok)
+    total = 0.0
+    for b in batches(units, batch_tokens):
+        lp, _, _ = lpm.score([units[i] for i in b], pad)
+        total += float(lp.sum())
+    return -total / math.log(2) / max(nbytes, 1)
+
+
+class Genome:
+    """x ↔ merge parameters: per model, ``layer_groups`` weights then (optionally) as many
+    densities."""
+
+    def __init__(self, cfg: EvolveConfig):
+        self.cfg = cfg
+        self.dens = cfg.search_density and cfg.method in HAS_DENSITY
+        self.per = cfg.layer_groups * (2 if self.dens else 1)
+
+    @property
+    def dim(self) -> int:
+        return self.per * len(self.cfg.models)
+
+    def x0_bounds(self) -> tuple[list[float], tuple[list[float], list[float]]]:
+        g, (wl, wh), (dl, dh) = (
+            self.cfg.layer_groups,
+            self.cfg.weight_bounds,
+            self.cfg.density_bounds,
+        )
+        x0 = ([0.5 * (wl + wh)] * g + ([0.5 * (dl + dh)] * g if self.dens else [])) * len(
+            self.cfg.models
+        )
+        lo = ([wl] * g + ([dl] * g if self.dens else [])) * len(self.cfg.models)
+        hi = ([wh] * g + ([dh] * g if self.dens else [])) * len(self.cfg.models)
+        return x0, (lo, hi)
+
+    def decode(self, x) -> tuple[dict, dict | None]:
+        g = self.cfg.layer_groups
+        w, d = {}, {} if self.dens else None
+        for i, m in enumerate(self.cfg.models):
+            chunk = [float(v) for v in x[i * self.per : (i + 1) * self.per]]
+            w[m] = chunk[:g] if g > 1 else chunk[0]
+            if self.dens:
+                d[m] = chunk[g:] if g > 1 else chunk[g]
+        return w, d
+
+
+def run_evolve(recipe: Recipe, force: bool = False) -> dict | None:
+    from fusellm.merge.search import search
+
+    cfg: EvolveConfig | None = recipe.evolve
+    if cfg is None:
+        raise ValueError("the recipe has no 'evolve:' section")
+    base = cfg.base if cfg.method in NEEDS_BASE else None
+    refs = ([base] if base else []) + list(cfg.models)
+    ids = {}
+    for i, r in enumerate(refs):
+        for n, s in resolve(recipe, r, f"evolve.models.{i}"):
+            ids[r] = locate(s, n).identity
+    fp = {"config": cfg.model_dump(mode="json"), "inputs": ids}
+    # generations may grow without invalidating finished ones: a longer search continues
+    fp["config"].pop("generations")
+    sd = StageDir("evolve", recipe.stage_dir("evolve"), fp)
+    state_path = sd.path / "search.pkl"
+    if not sd.prepare(force):
+        from fusellm.storage import read_json
+
+        if read_json(sd.path / "manifest.json")["stats"]["generations"] >= cfg.generations:
+            log.info("evolve: complete and unchanged (skipped)")
+            return None
+    (sd.path / "manifest.json").unlink(missing_ok=True)
+    inp = Inputs(recipe, refs, "evolve.models")
+    genome = Genome(cfg)
+    units, nbytes, ndocs = _dev_units(recipe, cfg, inp.tokenizer)
+    work = inp.work
+    dtype = torch.float32
+
+    def merged_at(x) -> dict[str, torch.Tensor]:
+        w, d = genome.decode(x)
+        return merge(
+            inp.states,
+            cfg.method,
+            w,
+            d,
+            base,
+            layer_groups=cfg.layer_groups,
+            num_layers=inp.num_layers,
+            seed=cfg.seed,
+            dtype=dtype,
+        )
+
+    def fitness(x: np.ndarray) -> float:
+        work.load_state_dict(merged_at(x))
+        return bits_per_byte(work, inp.tokenizer, units, nbytes, cfg.batch_tokens)
+
+    x0, bounds = genome.x0_bounds()
+    csv_path = sd.path / "generations.csv"
+    hist: list[dict] = []
+    if state_path.exists():
+        import pickle
+
+        hist = list(pickle.loads(state_path.read_bytes()).history)
+        log.info("evolve: resuming after generation %d", len(hist))
+    with start_run(recipe, "evolve", fp) as tracker:
+
+        def on_generation(rec: dict) -> None:
+            hist.append(rec)
+            atomic_write_bytes(csv_path, _csv(hist, genome).encode())
+            keys = ("evaluations", "gen_best", "gen_mean", "best", "sigma")
+            tracker.log({k: rec[k] for k in keys}, step=rec["generation"])
+            log.info(
+                "evolve: generation %d/%d, %d evaluations, best dev bpb %.5f (σ %.3f)",
+                rec["generation"],
+                cfg.generations,
+                rec["evaluations"],
+                rec["best"],
+                rec["sigma"],
+            )
+
+        reference = base or refs[0]
+        ref_bpb = bits_per_byte(
+            inp.models[reference], inp.tokenizer, units, nbytes, cfg.batch_tokens
+        )
+        st = search(
+            fitness,
+            x0,
+            bounds,
+            cfg.sigma0,
+            cfg.generations,
+            cfg.seed,
+            cfg.popsize,
+            state_path,
+            on_generation,
+        )
+        w, d = genome.decode(st.best_x)
+        inp.save(merged_at(st.best_x), sd.path / "model")
+        params = {m: {"weight": w[m], **({"density": d[m]} if d else {})} for m in cfg.models}
+        yaml_text = mergekit_yaml(
+            cfg.method,
+            params,
+            inp.location(base) if base else None,
+            {r: inp.location(r) for r in refs},
+            {},
+            "float32",
+        )
+        atomic_write_bytes(sd.path / "mergekit.yaml", yaml_text.encode())
+        best = {"weight": w, "density": d, "dev_bpb": st.best_f, "x": st.best_x}
+        atomic_write_json(sd.path / "best.json", best)
+        stats = {
+            "generations": st.generation,
+            "evaluations": st.evaluations,
+            "best_dev_bpb": st.best_f,
+            "reference": reference,
+            "reference_dev_bpb": ref_bpb,
+            "dev_docs": ndocs,
+            "dim": genome.dim,
+        }
+        tracker.summary(stats)
+    return sd.finish(_files(sd), stats, fp["config"])
+
+
+def _csv(history: list[dict], genome: Genome) -> str:
+    """generations.csv: one row per generation, the best parameters so far as JSON."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(
+        [
+            "generation",
+            "evaluations",
+            "gen_best_bpb",
+            "gen_mean_bpb",
+            "best_bpb",
+            "sigma",
+            "best_params",
+        ]
+    )
+    for r in history:
+        weight, density = genome.decode(r["best_x"])
+        w.writerow(
+            [
+                r["generation"],
+                r["evaluations"],
+                r["gen_best"],
+                r["gen_mean"],
+                r["best"],
+                r["sigma"],
+                json.dumps({"weight": weight, "density": density}),
+            ]
+        )
+    return buf.getvalue()

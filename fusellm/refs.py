@@ -1,0 +1,52 @@
+"""Names for models in recipe sections that compare or combine models (bench, merge,
+evolve): a name in ``models:``, or a pipeline output.
+
+``target`` the base target · ``sources`` each source · ``fused`` ``run_dir/train/model`` ·
+``clm_only`` ``run_dir/clm_only/model`` · ``merge:NAME`` ``run_dir/merge/NAME/model`` ·
+``evolve`` ``run_dir/evolve/model``. Pipeline outputs must be complete (their manifest
+says so) before anything reads them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fusellm.manifest import load_manifest
+from fusellm.recipe import ModelSpec, Recipe
+
+REFS = "target, sources, fused, clm_only, merge:NAME, evolve"
+
+
+def output_dir(recipe: Recipe, ref: str) -> tuple[Path, str] | None:
+    """(stage directory, stage label) of a pipeline-output reference, else None."""
+    if ref == "fused":
+        return recipe.stage_dir("train"), "train"
+    if ref == "clm_only":
+        return recipe.stage_dir("clm_only"), "clm_only"
+    if ref.startswith("merge:"):
+        return recipe.stage_dir("merge") / ref[len("merge:") :], f"merge '{ref[6:]}'"
+    if ref == "evolve":
+        return recipe.stage_dir("evolve"), "evolve"
+    return None
+
+
+def resolve(recipe: Recipe, ref: str, where: str) -> list[tuple[str, ModelSpec]]:
+    """``ref`` as (label, spec) pairs (``sources`` gives several). ``where`` names the
+    recipe key for error messages."""
+    if ref == "target":
+        return [(recipe.target, recipe.models[recipe.target])]
+    if ref == "sources":
+        return [(s, recipe.models[s]) for s in recipe.sources]
+    out = output_dir(recipe, ref)
+    if out is not None:
+        d, stage = out
+        try:
+            load_manifest(d, stage)
+        except FileNotFoundError as e:
+            raise ValueError(f"{where}: '{ref}' needs the {stage} stage's output: {e}") from None
+        return [(ref, ModelSpec(path=str((d / "model").resolve())))]
+    if ref in recipe.models:
+        return [(ref, recipe.models[ref])]
+    raise ValueError(
+        f"{where}: '{ref}' is neither a name in models: {sorted(recipe.models)} nor one of {REFS}"
+    )

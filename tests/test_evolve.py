@@ -1,0 +1,135 @@
+"""CMA-ES merge search: finds a known optimum, resumes exactly; merge/evolve stages end to
+end on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_recipe
+
+pytest.importorskip("mergekit")
+pytest.importorskip("cma")
+
+from fusellm.cli import main  # noqa: E402
+from fusellm.merge.core import merge  # noqa: E402
+from fusellm.merge.search import search  # noqa: E402
+
+
+def _pair():
+    g = torch.Generator().manual_seed(0)
+    a = {
+        "model.layers.0.w": torch.randn(8, 8, generator=g),
+        "model.norm.weight": torch.randn(8, generator=g),
+    }
+    b = {k: torch.randn(v.shape, generator=g) for k, v in a.items()}
+    return {"a": a, "b": b}
+
+
+def _fitness(states):
+    def f(x):  # how far the linear merge is from source b (optimum: all weight on b)
+        out = merge(states, "linear", {"a": float(x[0]), "b": float(x[1])})
+        return float(sum(((out[k] - states["b"][k]) ** 2).mean() for k in out))
+
+    return f
+
+
+def test_cma_es_recovers_the_weight_that_reproduces_one_source():
+    states = _pair()
+    st = search(_fitness(states), [0.5, 0.5], ([0.0, 0.05], [1.0, 1.0]), 0.3, 25, seed=1, popsize=8)
+    wa, wb = st.best_x
+    assert wa / (wa + wb) < 0.03, st.best_x
+    assert st.best_f < 0.01 * _fitness(states)(np.array([0.5, 0.5]))
+    assert [h["generation"] for h in st.history] == list(range(1, 26))
+    assert st.evaluations == 25 * 8
+
+
+def test_a_killed_search_resumes_to_the_same_result(tmp_path):
+    states = _pair()
+    f = _fitness(states)
+    args = ([0.5, 0.5], ([0.0, 0.05], [1.0, 1.0]), 0.3)
+    ref = search(f, *args, 8, seed=3, popsize=6)
+
+    calls = {"n": 0}
+
+    def dies(x):
+        calls["n"] += 1
+        if calls["n"] == 6 * 3 + 2:  # inside generation 4
+            raise KeyboardInterrupt
+        return f(x)
+
+    path = tmp_path / "search.pkl"
+    with pytest.raises(KeyboardInterrupt):
+        search(dies, *args, 8, seed=3, popsize=6, state_path=path)
+    resumed = search(f, *args, 8, seed=3, popsize=6, state_path=path)
+    assert resumed.best_x == ref.best_x and resumed.best_f == ref.best_f
+    assert [h["gen_mean"] for h in resumed.history] == [h["gen_mean"] for h in ref.history]
+
+
+@pytest.fixture()
+def pair_recipe(tiny_recipe, tiny_models, tmp_path):
+    """llama plus a perturbed copy (same tokenizer) and neox (another architecture)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tiny_models["llama_bpe"]
+    m = AutoModelForCausalLM.from_pretrained(src)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    m.save_pretrained(tmp_path / "llama_ft")
+    AutoTokenizer.from_pretrained(src).save_pretrained(tmp_path / "llama_ft")
+    text = tiny_recipe.read_text().replace(
+        "  neox:", f"  llama_ft: {{path: {tmp_path / 'llama_ft'}}}\n  neox:"
+    )
+    text += """
+merge:
+  lin: {method: linear, models: [{model: llama, weight: 0.25}, {model: llama_ft, weight: 0.75}]}
+  ties: {method: ties, base: llama, models: [{model: llama_ft, weight: 1.0, density: 0.5}]}
+evolve:
+  method: task_arithmetic
+  base: llama
+  models: [llama_ft]
+  generations: 2
+  popsize: 4
+  max_docs: 4
+bench:
+  models: [llama, llama_ft, merge:lin, merge:ties, evolve]
+  tasks: [lm]
+"""
+    return write_recipe(tiny_recipe, text)
+
+
+def test_merge_evolve_bench_end_to_end(pair_recipe, tmp_path, tiny_models):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    assert main(["run", str(pair_recipe), "--stages", "corpus,merge,evolve,bench"]) == 0
+    run = tmp_path / "run"
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "llama_ft")
+    base = AutoModelForCausalLM.from_pretrained(tiny_models["llama_bpe"])
+    lin = load_file(run / "merge" / "lin" / "model" / "model.safetensors")
+    for k, v in lin.items():
+        exp = 0.25 * base.state_dict()[k] + 0.75 * a.state_dict()[k]
+        torch.testing.assert_close(v, exp, atol=1e-6, rtol=1e-5)
+    assert "merge_method: linear" in (run / "merge" / "lin" / "mergekit.yaml").read_text()
+    ev = json.loads((run / "evolve" / "manifest.json").read_text())
+    assert ev["stats"]["generations"] == 2 and ev["stats"]["evaluations"] == 8
+    assert ev["stats"]["best_dev_bpb"] <= ev["stats"]["reference_dev_bpb"] + 1.0
+    rows = (run / "evolve" / "generations.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("generation,")
+    res = json.loads((run / "bench" / "results.json").read_text())
+    assert res["models"] == ["llama", "llama_ft", "merge:lin", "merge:ties", "evolve"]
+    # a longer search continues from the finished generations
+    assert main(["evolve", str(pair_recipe), "evolve.generations=3"]) == 0
+    ev = json.loads((run / "evolve" / "manifest.json").read_text())
+    assert ev["stats"]["generations"] == 3 and ev["stats"]["evaluations"] == 12
+
+
+def test_merging_different_architectures_is_refused(pair_recipe, capsys):
+    over = ["merge={bad: {method: linear, models: [{model: llama}, {model: neox}]}}"]
+    assert main(["merge", str(pair_recipe), *over]) == 2
+    err = capsys.readouterr().err
+    assert "neox" in err and "fusion" in err
