@@ -147,6 +147,8 @@ def test_quickstart_end_to_end(tmp_path):
         f"run_dir={tmp_path}",
         "tracking.mode=offline",
         "bench.limit=8",
+        "evolve.generations=2",
+        "evolve.popsize=4",
     ]
     rc = main(["run", str(QUICKSTART), *small])
     unbuilt = [

@@ -22,7 +22,14 @@ from tqdm import tqdm
 
 from fusellm.bench.config import BenchConfig, EnsembleRef
 from fusellm.bench.report import plot, to_csv, to_markdown
-from fusellm.bench.score import LogProbModel, batches, document_units, prefix_id, request_unit
+from fusellm.bench.score import (
+    LogProbModel,
+    batches,
+    best_device,
+    document_units,
+    prefix_id,
+    request_unit,
+)
 from fusellm.bench.stats import HIGHER_IS_BETTER, compare, item_metrics, perplexity
 from fusellm.bench.tasks import LM, Task, load_lm, load_task
 from fusellm.models import load_model, load_tokenizer, locate, tokenizer_fingerprint
@@ -190,7 +197,7 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
                     "is for: align + fuse)"
                 )
             tok_ids[bm.label] = fps.pop()
-            lpm = LogProbModel([load_model(spec, name) for name, spec in bm.members])
+            lpm = LogProbModel([load_model(spec, name, best_device()) for name, spec in bm.members])
             for t in todo:
                 s0 = time.time()
                 scores = score_task(lpm, toks[0], t, cfg, f"bench {bm.label} {t.name}")

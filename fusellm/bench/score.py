@@ -102,6 +102,8 @@ class LogProbModel:
         for i, u in enumerate(units):  # right padding: positions stay 0..len-1
             ids[i, : len(u.ids)] = torch.tensor(u.ids)
             mask[i, : len(u.ids)] = 1
+        dev = next(self.models[0].parameters()).device
+        ids, mask = ids.to(dev), mask.to(dev)
         logits = [m(input_ids=ids, attention_mask=mask).logits for m in self.models]
         lps, ns, greedy = (
             np.zeros(len(units)),
@@ -114,11 +116,16 @@ class LogProbModel:
             pred = self._combine(
                 [x[i, L - 1 - u.n : L - 1].float().log_softmax(-1) for x in logits]
             )
-            tgt = torch.tensor(u.ids[L - u.n :])
+            tgt = torch.tensor(u.ids[L - u.n :], device=pred.device)
             lps[i] = float(pred.gather(-1, tgt[:, None]).double().sum())
             ns[i] = u.n
             greedy[i] = bool((pred.argmax(-1) == tgt).all())
         return lps, ns, greedy
+
+
+def best_device() -> str:
+    """Where scoring runs: the first GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def batches(units: Sequence[Unit], batch_tokens: int) -> Iterable[list[int]]:

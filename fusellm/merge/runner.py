@@ -59,7 +59,9 @@ class Inputs:
         self.num_layers = int(getattr(first.config, "num_hidden_layers", 1) or 1)
         # Merges are loaded into a separate model: the state dicts above share storage
         # with the inputs' parameters, which must stay intact across candidates.
-        self.work = copy.deepcopy(first)
+        from fusellm.bench.score import best_device
+
+        self.work = copy.deepcopy(first).to(best_device())
 
     def location(self, ref: str) -> str:
         n, s = self.specs[ref]
@@ -290,9 +292,8 @@ def run_evolve(recipe: Recipe, force: bool = False) -> dict | None:
             )
 
         reference = base or refs[0]
-        ref_bpb = bits_per_byte(
-            inp.models[reference], inp.tokenizer, units, nbytes, cfg.batch_tokens
-        )
+        work.load_state_dict(inp.states[reference])
+        ref_bpb = bits_per_byte(work, inp.tokenizer, units, nbytes, cfg.batch_tokens)
         st = search(
             fitness,
             x0,
