@@ -130,13 +130,14 @@ def _hub_error(name: str, spec: ModelSpec, what: str, e: Exception) -> ModelLoad
     )
 
 
-def _converted_dir(loc: Located, part: str) -> Path:
+def converted_dir(loc: Located, part: str) -> Path:
+    """The HF directory a GGUF model's ``part`` (model or tokenizer) is converted into."""
     return cache_root() / "hf" / loc.identity.split(":", 1)[1][:24] / part
 
 
 def _convert_gguf(loc: Located, name: str, part: str) -> Path:
     """Convert a GGUF file's tokenizer or model once into an HF directory (cached)."""
-    out = _converted_dir(loc, part)
+    out = converted_dir(loc, part)
     if (out / "fusellm-converted.json").exists():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +62,18 @@ def test_bad_recipe_exits_2_with_key(tiny_recipe, capsys):
 def test_show_prints_resolved_recipe(tiny_recipe, capsys):
     assert main(["show", str(tiny_recipe), "corpus.block_size=64"]) == 0
     assert "block_size: 64" in capsys.readouterr().out
+
+
+def test_shown_recipes_load_again_unchanged(tmp_path, capsys):
+    """`show` output is itself a valid recipe (aliases such as merge's `lambda` kept)."""
+    from fusellm.recipe import load_recipe
+
+    root = Path(__file__).parent.parent / "recipes"
+    for name in ("quickstart.yaml", "fusion-vs-merge.yaml", "fusellm-7b.yaml"):
+        assert main(["show", str(root / name)]) == 0
+        shown = tmp_path / name
+        shown.write_text(capsys.readouterr().out)
+        assert load_recipe(shown) == load_recipe(root / name)
 
 
 def test_verify_reports_altered_file(tiny_recipe, tmp_path, capsys):

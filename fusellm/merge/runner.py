@@ -22,7 +22,13 @@ import torch
 from fusellm.manifest import StageDir
 from fusellm.merge.config import HAS_DENSITY, NEEDS_BASE, EvolveConfig, MergeSpec
 from fusellm.merge.core import check_compatible, merge, mergekit_yaml
-from fusellm.models import load_model, load_tokenizer, locate, tokenizer_fingerprint
+from fusellm.models import (
+    converted_dir,
+    load_model,
+    load_tokenizer,
+    locate,
+    tokenizer_fingerprint,
+)
 from fusellm.recipe import ModelSpec, Recipe
 from fusellm.refs import resolve
 from fusellm.storage import atomic_write_bytes, atomic_write_json
@@ -64,8 +70,11 @@ class Inputs:
         self.work = copy.deepcopy(first).to(best_device())
 
     def location(self, ref: str) -> str:
+        """Where mergekit can read ``ref``: its HF directory (for GGUF files, the
+        conversion fusellm made when loading it)."""
         n, s = self.specs[ref]
-        return locate(s, n).location
+        loc = locate(s, n)
+        return str(converted_dir(loc, "model")) if loc.kind == "gguf" else loc.location
 
     def save(self, merged: dict[str, torch.Tensor], out_dir) -> None:
         """Write ``merged`` with the first model's config and the shared tokenizer."""
