@@ -12,6 +12,7 @@ Exit codes: 0 done, 1 unexpected failure, 2 bad recipe/input/inputs changed,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -125,7 +126,13 @@ def main(argv: list[str] | None = None) -> int:
             return _verify(Path(args.run_dir))
         from fusellm.recipe import load_recipe
 
-        recipe = load_recipe(args.recipe, args.overrides)
+        if args.command == "show":
+            # stdout carries only the YAML: imports that print (DeepSpeed's accelerator
+            # notice) go to stderr
+            with contextlib.redirect_stdout(sys.stderr):
+                recipe = load_recipe(args.recipe, args.overrides)
+        else:
+            recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "show":
             import yaml
 
