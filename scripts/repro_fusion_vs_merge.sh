@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# Fusion vs ensemble vs weight merging, small scale (recipes/fusion-vs-merge.yaml; ~40 min
+# Fusion vs ensemble vs weight merging, small scale (recipes/fusion-vs-merge.yaml; ~45 min
 # on 2 CPU cores). Makes two domain variants of SmolLM2 (CLM on drama / on science, lr
 # 1e-4, 2 epochs), then fuses them into the base, merges them four ways and benches all.
 #   scripts/repro_fusion_vs_merge.sh
 set -euo pipefail
 R=recipes/fusion-vs-merge.yaml
 ROOT=runs/fusion-vs-merge
-QS=${QS:-runs/quickstart}   # a finished quickstart: its corpus and SmolLM2 extraction are reused
 
 domain() {  # NAME BUILTIN MAX_DOCS (the main corpus's documents of that domain)
   fusellm run "$R" "run_dir=$ROOT/$1" "corpus.inputs=[{builtin: $2, max_docs: $3}]" \
@@ -16,10 +15,5 @@ domain() {  # NAME BUILTIN MAX_DOCS (the main corpus's documents of that domain)
 domain drama shakespeare 16
 domain science sciq 60
 
-mkdir -p "$ROOT/main/extract"
-if [[ -f $QS/extract/smollm2/manifest.json && ! -e $ROOT/main/corpus ]]; then
-  cp -al "$QS/corpus" "$ROOT/main/corpus"
-  cp -al "$QS/extract/smollm2" "$ROOT/main/extract/smollm2"
-fi
 fusellm run "$R"
 echo "table: $ROOT/main/bench/results.md  chart: $ROOT/main/bench/results.png"

@@ -222,3 +222,32 @@ def test_items_found_in_the_training_corpus_are_dropped():
     dirty = load_task("arc_easy:rc_0shot", 5, 0, exclude=corpus)
     assert dirty.contaminated == 1 and len(dirty.items) == 5
     assert clean.items[2].id not in [it.id for it in dirty.items]
+
+
+def test_lm_bootstrap_resamples_documents_not_chunks():
+    rec = {
+        "ids": ["a#0", "a#1", "b#0"],
+        "group": ["a", "a", "b"],
+        "domain": ["x", "x", "y"],
+        "nll": [1.0, 2.0, 4.0],
+        "bytes": [10, 10, 10],
+        "tokens": [1, 1, 1],
+    }
+    num, den = item_metrics("lm", rec)[("all", "bpb")]
+    assert len(num) == 2 and den.tolist() == [20.0, 10.0]
+    assert num * math.log(2) == pytest.approx([3.0, 4.0])
+    assert item_metrics("lm", rec)[("y", "bpb")][1].tolist() == [10.0]
+
+
+def test_an_empty_split_is_an_error_not_a_perfect_score(tmp_path):
+    from fusellm.bench.tasks import load_lm
+
+    (tmp_path / "test.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no documents"):
+        load_lm(tmp_path, "test", None, 0)
+
+
+def test_a_single_unit_has_no_error_bar_and_no_significance():
+    one = (np.array([1.0]), np.array([2.0]))
+    res = compare({"a": one, "b": (np.array([3.0]), np.array([2.0]))}, "a", "k", 200)
+    assert res["a"]["se"] is None and res["b"]["diff"] == 1.0 and not res["b"]["significant"]

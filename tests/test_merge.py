@@ -122,3 +122,28 @@ def test_incompatible_models_are_refused_with_a_pointer_to_fusion():
         check_compatible(cfg, {"a": "t", "b": "u"}, {"a": {}, "b": {}})
     with pytest.raises(MergeRefused, match="shape"):
         check_compatible(cfg, {"a": "t", "b": "t"}, {"a": {"w": (2, 3)}, "b": {"w": (3, 3)}})
+
+
+def test_tied_weights_are_merged_once_with_the_embeddings_group():
+    s = _states(2)
+    for sd in s.values():  # lm_head tied to the embeddings: one tensor under two keys
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    out = merge(s, "linear", {"m0": [1.0, 0.0], "m1": [0.0, 1.0]}, layer_groups=2, num_layers=2)
+    torch.testing.assert_close(out["lm_head.weight"], s["m0"]["model.embed_tokens.weight"])
+    assert out["lm_head.weight"] is out["model.embed_tokens.weight"]
+
+
+def test_merge_configs_that_mergekit_would_reject_late_fail_at_load():
+    from pydantic import ValidationError
+
+    from fusellm.merge.config import MergeSpec
+
+    with pytest.raises(ValidationError, match="no lambda"):
+        MergeSpec.model_validate({"method": "linear", "lambda": 0.5, "models": [{"model": "a"}]})
+    with pytest.raises(ValidationError, match="sum to 0"):
+        MergeSpec.model_validate(
+            {
+                "method": "linear",
+                "models": [{"model": "a", "weight": 1.0}, {"model": "b", "weight": -1.0}],
+            }
+        )

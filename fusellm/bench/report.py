@@ -64,7 +64,7 @@ def to_markdown(rows: list[dict[str, Any]], models: list[str], reference: str) -
             if r is None:
                 cells.append("–")
                 continue
-            s = f"{r['value']:.4f} ± {r['se']:.4f}"
+            s = f"{r['value']:.4f}" + (f" ± {r['se']:.4f}" if r["se"] is not None else " (n=1)")
             if "diff" in r:
                 s += f" ({r['diff']:+.4f}{'*' if r['significant'] else ''})"
             cells.append(s)
@@ -97,7 +97,7 @@ def plot(rows: list[dict[str, Any]], models: list[str], path: Path) -> None:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, c in zip(axes[0], cols, strict=True):
         vals = [cell[(m, c)]["value"] if (m, c) in cell else float("nan") for m in models]
-        errs = [cell[(m, c)]["se"] if (m, c) in cell else 0.0 for m in models]
+        errs = [(cell[(m, c)]["se"] or 0.0) if (m, c) in cell else 0.0 for m in models]
         ax.bar(
             range(len(models)),
             vals,

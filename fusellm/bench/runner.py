@@ -32,7 +32,13 @@ from fusellm.bench.score import (
 )
 from fusellm.bench.stats import HIGHER_IS_BETTER, compare, item_metrics, perplexity
 from fusellm.bench.tasks import LM, Task, load_lm, load_task
-from fusellm.models import load_model, load_tokenizer, locate, tokenizer_fingerprint
+from fusellm.models import (
+    load_model,
+    load_tokenizer,
+    locate,
+    resolve_dtype,
+    tokenizer_fingerprint,
+)
 from fusellm.recipe import ModelSpec, Recipe, config_hash
 from fusellm.refs import resolve
 from fusellm.storage import atomic_write_bytes, atomic_write_json, read_json
@@ -102,10 +108,11 @@ def score_task(lpm: LogProbModel, tok, task: Task, cfg: BenchConfig, desc: str) 
     if task.kind == "lm":
         return {
             "ids": ids,
+            "group": [it.group or it.id for it in task.items],
             "domain": [it.domain for it in task.items],
-            "nll": [-keys[(i, 0)][0] for i in range(len(ids))],
+            "nll": [-keys.get((i, 0), [0.0])[0] for i in range(len(ids))],
             "bytes": [len(it.requests[0][1].encode("utf-8")) for it in task.items],
-            "tokens": [keys[(i, 0)][1] for i in range(len(ids))],
+            "tokens": [keys.get((i, 0), [0.0, 0])[1] for i in range(len(ids))],
         }
     per = [[keys[(i, j)] for j in range(len(it.requests))] for i, it in enumerate(task.items)]
     return {
@@ -165,13 +172,17 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
     with start_run(recipe, STAGE, config) as tracker:
         for bm in models:
             mdir = cache_dir / f"{_slug(bm.label)}-{config_hash(bm.identity)[:12]}"
+            # What the scores depend on: the model and how it runs, the items' exact texts.
+            device = best_device()
+            numerics = [str(resolve_dtype(spec, device)) for _, spec in bm.members]
             keys = {
                 t.name: config_hash(
                     {
                         "model": bm.identity,
                         "task": t.name,
-                        "items": [it.id for it in t.items],
+                        "items": config_hash([[it.id, it.requests, it.gold] for it in t.items]),
                         "max_length": cfg.max_length,
+                        "numerics": [device.split(":")[0], *numerics],
                     }
                 )
                 for t in tasks

@@ -29,8 +29,16 @@ def item_metrics(
 ) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
     """``{(group, metric): (num [N], den [N])}`` from one model's records of one task."""
     if kind == "lm":
-        nll, nbytes = np.asarray(rec["nll"]), np.asarray(rec["bytes"], float)
-        domains = np.asarray(rec["domain"])
+        # Chunks cut from one document are not independent: sum them per document, which
+        # is the unit the bootstrap resamples.
+        groups = rec.get("group") or rec["ids"]
+        order = list(dict.fromkeys(groups))
+        at = {g: i for i, g in enumerate(order)}
+        idx = np.array([at[g] for g in groups], dtype=np.int64)
+        nll = np.bincount(idx, weights=np.asarray(rec["nll"], float), minlength=len(order))
+        nbytes = np.bincount(idx, weights=np.asarray(rec["bytes"], float), minlength=len(order))
+        dom_of = dict(zip(groups, rec["domain"], strict=True))
+        domains = np.asarray([dom_of[g] for g in order])
         out = {}
         for g in ["all", *sorted(set(domains.tolist()))]:
             sel = np.ones(len(nll), bool) if g == "all" else domains == g
@@ -86,12 +94,14 @@ def compare(
     out = {}
     for m, (num, den) in per_model.items():
         value = float(num.sum() / max(den.sum(), 1e-12))
-        row = {"value": value, "se": float(boots[m].std(ddof=1)), "n": n}
+        # One unit (e.g. every chunk from a single document) says nothing about noise.
+        row = {"value": value, "se": float(boots[m].std(ddof=1)) if n > 1 else None, "n": n}
         if m != reference and reference in boots:
             d = boots[m] - boots[reference]
             ref = per_model[reference]
             row["diff"] = value - float(ref[0].sum() / max(ref[1].sum(), 1e-12))
-            row["diff_lo"], row["diff_hi"] = (float(x) for x in np.percentile(d, [2.5, 97.5]))
-            row["significant"] = not (row["diff_lo"] <= 0.0 <= row["diff_hi"])
+            if n > 1:
+                row["diff_lo"], row["diff_hi"] = (float(x) for x in np.percentile(d, [2.5, 97.5]))
+            row["significant"] = n > 1 and not (row["diff_lo"] <= 0.0 <= row["diff_hi"])
         out[m] = row
     return out

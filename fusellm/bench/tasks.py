@@ -31,6 +31,7 @@ class Item:
     requests: list[tuple[str, str]]
     gold: int = 0
     domain: str = ""
+    group: str = ""  # LM: the source document a chunk was cut from (bootstrap unit)
 
 
 @dataclass
@@ -103,6 +104,8 @@ def load_task(name: str, limit: int | None, seed: int, exclude: str = "") -> Tas
             dropped += 1
             continue
         kept.append(it)
+    if not kept:
+        raise ValueError(f"task '{name}': no items left (limit {limit}, {dropped} contaminated)")
     primary = "em" if kind == "em" else cfg.get("primary_metric", "acc_per_char")
     if primary not in ("em", "acc_raw", "acc_per_char", "acc_per_token"):
         primary = "acc_per_char"
@@ -129,7 +132,9 @@ def load_lm(corpus_dir: Path, split: str, limit: int | None, seed: int) -> Task:
     with open(path, encoding="utf-8") as f:
         for line in f:
             d = json.loads(line)
-            items.append(Item(d["id"], [("", d["text"])], 0, d["domain"]))
+            items.append(Item(d["id"], [("", d["text"])], 0, d["domain"], d.get("parent", d["id"])))
+    if not items:
+        raise ValueError(f"bench: the corpus split '{split}' at {path} has no documents")
     available = len(items)
     if limit is not None and limit < available:
         keep = np.sort(np.random.default_rng(seed).permutation(available)[:limit])

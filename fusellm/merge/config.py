@@ -60,6 +60,19 @@ class MergeSpec(_Strict):
                 raise ValueError(f"models.{i}.density: must be in (0, 1], got {m.density}")
             if m.density != 1.0 and self.method not in HAS_DENSITY:
                 raise ValueError(f"models.{i}.density: method '{self.method}' has no density")
+        if self.method == "linear":
+            if self.lambda_ is not None:
+                raise ValueError("lambda: method 'linear' has no lambda (task-vector methods do)")
+            if self.normalize is not False:
+                for g in range(self.layer_groups):
+                    total = sum(
+                        m.weight[g] if isinstance(m.weight, list) else m.weight for m in self.models
+                    )
+                    if abs(total) < 1e-12:
+                        raise ValueError(
+                            f"models.*.weight: the weights of layer group {g} sum to 0, which "
+                            "a normalised linear merge divides by"
+                        )
         return self
 
 

@@ -95,10 +95,23 @@ def merge(
         raise ValueError(f"merging needs mergekit: pip install -e '.[merge]' ({e})") from None
 
     densities = densities or {}
-    names = list(next(iter(states.values())))
+    first = next(iter(states.values()))
+    names = list(first)
+    # Tied weights (embed_tokens / lm_head) are one tensor under two keys: merge it once,
+    # under its first key (embeddings: the first layer group), and alias the others.
+    alias: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for n in names:
+        t = first[n]
+        key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else (id(t),)
+        if key in seen and t.numel():
+            alias[n] = seen[key]
+        else:
+            seen[key] = n
     by_group: dict[int, list[str]] = {}
     for n in names:
-        by_group.setdefault(group_of(n, num_layers, layer_groups), []).append(n)
+        if n not in alias:
+            by_group.setdefault(group_of(n, num_layers, layer_groups), []).append(n)
     out: dict[str, torch.Tensor] = {}
     gen = torch.Generator().manual_seed(seed)
     for g, keys in sorted(by_group.items()):
@@ -119,7 +132,7 @@ def merge(
             res = merge_state_dicts(sub, method, parameters=params, base=base, dtype=torch.float32)
         for k, v in res.items():
             out[k] = v.to(dtype) if v.is_floating_point() else v
-    return {k: out[k] for k in names}
+    return {k: out[alias.get(k, k)] for k in names}
 
 
 def mergekit_yaml(

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 class Inputs:
     """The models of one merge, loaded once: state dicts, configs, tokenizer."""
 
-    def __init__(self, recipe: Recipe, refs: list[str], where: str):
+    def __init__(self, recipe: Recipe, refs: list[str], where: str, device: str = "cpu"):
         if len(set(refs)) != len(refs):
             raise ValueError(f"{where}: a model appears twice in {refs}")
         self.specs: dict[str, tuple[str, ModelSpec]] = {}
@@ -62,25 +62,36 @@ class Inputs:
             {r: {k: tuple(v.shape) for k, v in sd.items()} for r, sd in self.states.items()},
         )
         first = self.models[refs[0]]
-        self.num_layers = int(getattr(first.config, "num_hidden_layers", 1) or 1)
+        self.num_layers = _num_layers(first)
         # Merges are loaded into a separate model: the state dicts above share storage
         # with the inputs' parameters, which must stay intact across candidates.
-        from fusellm.bench.score import best_device
+        self.work = copy.deepcopy(first).to(device)
 
-        self.work = copy.deepcopy(first).to(best_device())
-
-    def location(self, ref: str) -> str:
-        """Where mergekit can read ``ref``: its HF directory (for GGUF files, the
-        conversion fusellm made when loading it)."""
-        n, s = self.specs[ref]
-        loc = locate(s, n)
-        return str(converted_dir(loc, "model")) if loc.kind == "gguf" else loc.location
-
-    def save(self, merged: dict[str, torch.Tensor], out_dir) -> None:
-        """Write ``merged`` with the first model's config and the shared tokenizer."""
-        self.work.load_state_dict(merged)
+    def save(self, merged: dict[str, torch.Tensor], out_dir, dtype: torch.dtype) -> None:
+        """Write ``merged`` in ``dtype`` with the first model's config and the tokenizer."""
+        self.work.to(dtype).load_state_dict(merged)
         self.work.save_pretrained(out_dir)
         self.tokenizer.save_pretrained(out_dir)
+
+
+def _num_layers(model) -> int:
+    """Transformer layers of the (text) model: multimodal configs nest them."""
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    n = getattr(text, "num_hidden_layers", None)
+    if not n:
+        from fusellm.merge.core import layer_of
+
+        found = [layer_of(k) for k in model.state_dict()]
+        n = 1 + max((i for i in found if i is not None), default=0)
+    return int(n)
+
+
+def _location(spec: ModelSpec, name: str) -> str:
+    """Where mergekit can read a model: its HF directory (for a GGUF file, the directory
+    fusellm converts it into when loading it)."""
+    loc = locate(spec, name)
+    return str(converted_dir(loc, "model")) if loc.kind == "gguf" else loc.location
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -108,18 +119,34 @@ def merge_one(recipe: Recipe, name: str, spec: MergeSpec, force: bool) -> dict |
     base = spec.base if spec.method in NEEDS_BASE else None
     refs = ([base] if base else []) + [m.model for m in spec.models]
     # Identities first (cheap), so a complete merge is skipped without loading anything.
-    ids = {}
-    for i, r in enumerate(refs):
-        for n, s in resolve(recipe, r, f"{where}.models.{i}"):
-            ids[r] = locate(s, n).identity
+    found = {r: resolve(recipe, r, f"{where}.models.{i}")[0] for i, r in enumerate(refs)}
+    ids = {r: locate(s, n).identity for r, (n, s) in found.items()}
     fp = {"spec": spec.model_dump(mode="json", by_alias=True), "inputs": ids}
     sd = StageDir(f"merge '{name}'", recipe.stage_dir("merge") / name, fp)
     if not sd.prepare(force):
         log.info("merge %s: complete and unchanged (skipped)", name)
         return None
-    inp = Inputs(recipe, refs, f"{where}.models")
     weights = {m.model: m.weight for m in spec.models}
     dens = {m.model: m.density for m in spec.models} if spec.method in HAS_DENSITY else None
+    # The mergekit config first: it needs no model in memory, and at a scale where this
+    # in-memory merge does not fit, `mergekit-yaml` can run it (streaming tensors).
+    params = {
+        m.model: {"weight": m.weight, **({"density": m.density} if dens else {})}
+        for m in spec.models
+    }
+    extra = {
+        k: v for k, v in (("normalize", spec.normalize), ("lambda", spec.lambda_)) if v is not None
+    }
+    yaml_text = mergekit_yaml(
+        spec.method,
+        params,
+        _location(*reversed(found[base])) if base else None,
+        {r: _location(s, n) for r, (n, s) in found.items()},
+        extra,
+        spec.dtype,
+    )
+    atomic_write_bytes(sd.path / "mergekit.yaml", yaml_text.encode())
+    inp = Inputs(recipe, refs, f"{where}.models")
     with start_run(recipe, "merge", {"name": name, **fp}) as tracker:
         merged = merge(
             inp.states,
@@ -134,25 +161,7 @@ def merge_one(recipe: Recipe, name: str, spec: MergeSpec, force: bool) -> dict |
             spec.seed,
             _dtype(spec.dtype),
         )
-        inp.save(merged, sd.path / "model")
-        params = {
-            m.model: {"weight": m.weight, **({"density": m.density} if dens else {})}
-            for m in spec.models
-        }
-        extra = {
-            k: v
-            for k, v in (("normalize", spec.normalize), ("lambda", spec.lambda_))
-            if v is not None
-        }
-        yaml_text = mergekit_yaml(
-            spec.method,
-            params,
-            inp.location(base) if base else None,
-            {r: inp.location(r) for r in refs},
-            extra,
-            spec.dtype,
-        )
-        atomic_write_bytes(sd.path / "mergekit.yaml", yaml_text.encode())
+        inp.save(merged, sd.path / "model", _dtype(spec.dtype))
         stats = {"method": spec.method, "models": len(spec.models), "tensors": len(merged)}
         tracker.summary(stats)
     log.info(
@@ -175,6 +184,8 @@ def _dev_units(recipe: Recipe, cfg: EvolveConfig, tok):
     task = load_lm(recipe.stage_dir("corpus"), cfg.split, cfg.max_docs, cfg.seed)
     units = [u for it in task.items for u in document_units(tok, it.requests[0][1], cfg.max_length)]
     nbytes = sum(len(it.requests[0][1].encode("utf-8")) for it in task.items)
+    if not nbytes:
+        raise ValueError(f"evolve: the '{cfg.split}' split has no text to score candidates on")
     return units, nbytes, len(task.items)
 
 
@@ -252,7 +263,9 @@ def run_evolve(recipe: Recipe, force: bool = False) -> dict | None:
             log.info("evolve: complete and unchanged (skipped)")
             return None
     (sd.path / "manifest.json").unlink(missing_ok=True)
-    inp = Inputs(recipe, refs, "evolve.models")
+    from fusellm.bench.score import best_device
+
+    inp = Inputs(recipe, refs, "evolve.models", device=best_device())
     genome = Genome(cfg)
     units, nbytes, ndocs = _dev_units(recipe, cfg, inp.tokenizer)
     work = inp.work
@@ -315,13 +328,13 @@ def run_evolve(recipe: Recipe, force: bool = False) -> dict | None:
             on_generation,
         )
         w, d = genome.decode(st.best_x)
-        inp.save(merged_at(st.best_x), sd.path / "model")
+        inp.save(merged_at(st.best_x), sd.path / "model", torch.float32)
         params = {m: {"weight": w[m], **({"density": d[m]} if d else {})} for m in cfg.models}
         yaml_text = mergekit_yaml(
             cfg.method,
             params,
-            inp.location(base) if base else None,
-            {r: inp.location(r) for r in refs},
+            _location(*reversed(inp.specs[base])) if base else None,
+            {r: _location(s, n) for r, (n, s) in inp.specs.items()},
             {},
             "float32",
         )

@@ -64,7 +64,8 @@ def search(
     if state_path is not None and state_path.exists():
         st = pickle.loads(state_path.read_bytes())
     if st is None:
-        opts = {"seed": seed, "bounds": [list(bounds[0]), list(bounds[1])], "verbose": -9}
+        # cma takes seed 0 as "seed from the clock": shift so every seed is reproducible
+        opts = {"seed": seed + 1, "bounds": [list(bounds[0]), list(bounds[1])], "verbose": -9}
         if popsize:
             opts["popsize"] = popsize
         es = cma.CMAEvolutionStrategy(list(x0), sigma0, opts)  # seeds numpy's global RNG
