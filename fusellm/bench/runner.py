@@ -190,8 +190,8 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
             todo = []
             for t in tasks:
                 p = mdir / f"{_slug(t.name)}.json"
-                if p.is_file() and read_json(p).get("key") == keys[t.name]:
-                    rec = read_json(p)
+                rec = read_json(p) if p.is_file() else {}
+                if rec.get("key") == keys[t.name]:
                     records[(bm.label, t.name)] = rec["scores"]
                     tok_ids[bm.label] = rec["tokenizer"]
                 else:

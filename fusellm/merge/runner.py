@@ -40,28 +40,19 @@ log = logging.getLogger(__name__)
 class Inputs:
     """The models of one merge, loaded once: state dicts, configs, tokenizer."""
 
-    def __init__(self, recipe: Recipe, refs: list[str], where: str, device: str = "cpu"):
-        if len(set(refs)) != len(refs):
-            raise ValueError(f"{where}: a model appears twice in {refs}")
-        self.specs: dict[str, tuple[str, ModelSpec]] = {}
-        for i, ref in enumerate(refs):
-            found = resolve(recipe, ref, f"{where}.{i}")
-            if len(found) != 1:
-                raise ValueError(f"{where}.{i}: '{ref}' names {len(found)} models; list them")
-            self.specs[ref] = found[0]
-        self.identities = {r: locate(s, n).identity for r, (n, s) in self.specs.items()}
-        self.models = {r: load_model(s, n) for r, (n, s) in self.specs.items()}
-        self.tokenizer = load_tokenizer(*reversed(self.specs[refs[0]]))
-        tok_fp = {
-            r: tokenizer_fingerprint(load_tokenizer(s, n)) for r, (n, s) in self.specs.items()
-        }
+    def __init__(self, specs: dict[str, tuple[str, ModelSpec]], device: str = "cpu"):
+        self.specs = specs
+        self.models = {r: load_model(s, n) for r, (n, s) in specs.items()}
+        toks = {r: load_tokenizer(s, n) for r, (n, s) in specs.items()}
+        self.tokenizer = next(iter(toks.values()))
+        tok_fp = {r: tokenizer_fingerprint(t) for r, t in toks.items()}
         self.states = {r: m.state_dict() for r, m in self.models.items()}
         check_compatible(
             {r: m.config for r, m in self.models.items()},
             tok_fp,
             {r: {k: tuple(v.shape) for k, v in sd.items()} for r, sd in self.states.items()},
         )
-        first = self.models[refs[0]]
+        first = next(iter(self.models.values()))
         self.num_layers = _num_layers(first)
         # Merges are loaded into a separate model: the state dicts above share storage
         # with the inputs' parameters, which must stay intact across candidates.
@@ -72,6 +63,22 @@ class Inputs:
         self.work.to(dtype).load_state_dict(merged)
         self.work.save_pretrained(out_dir)
         self.tokenizer.save_pretrained(out_dir)
+
+
+def _resolve_inputs(
+    recipe: Recipe, refs: list[str], where: str
+) -> tuple[dict[str, tuple[str, ModelSpec]], dict[str, str]]:
+    """Each ref as exactly one (name, spec), and its identity: cheap (nothing is loaded),
+    so that a complete stage is skipped before any model is read."""
+    if len(set(refs)) != len(refs):
+        raise ValueError(f"{where}: a model appears twice in {refs}")
+    found = {}
+    for i, ref in enumerate(refs):
+        hits = resolve(recipe, ref, f"{where}.{i}")
+        if len(hits) != 1:
+            raise ValueError(f"{where}.{i}: '{ref}' names {len(hits)} models; list them")
+        found[ref] = hits[0]
+    return found, {r: locate(s, n).identity for r, (n, s) in found.items()}
 
 
 def _num_layers(model) -> int:
@@ -118,9 +125,7 @@ def merge_one(recipe: Recipe, name: str, spec: MergeSpec, force: bool) -> dict |
     where = f"merge.{name}"
     base = spec.base if spec.method in NEEDS_BASE else None
     refs = ([base] if base else []) + [m.model for m in spec.models]
-    # Identities first (cheap), so a complete merge is skipped without loading anything.
-    found = {r: resolve(recipe, r, f"{where}.models.{i}")[0] for i, r in enumerate(refs)}
-    ids = {r: locate(s, n).identity for r, (n, s) in found.items()}
+    found, ids = _resolve_inputs(recipe, refs, f"{where}.models")
     fp = {"spec": spec.model_dump(mode="json", by_alias=True), "inputs": ids}
     sd = StageDir(f"merge '{name}'", recipe.stage_dir("merge") / name, fp)
     if not sd.prepare(force):
@@ -146,7 +151,7 @@ def merge_one(recipe: Recipe, name: str, spec: MergeSpec, force: bool) -> dict |
         spec.dtype,
     )
     atomic_write_bytes(sd.path / "mergekit.yaml", yaml_text.encode())
-    inp = Inputs(recipe, refs, f"{where}.models")
+    inp = Inputs(found)
     with start_run(recipe, "merge", {"name": name, **fp}) as tracker:
         merged = merge(
             inp.states,
@@ -247,10 +252,7 @@ def run_evolve(recipe: Recipe, force: bool = False) -> dict | None:
         raise ValueError("the recipe has no 'evolve:' section")
     base = cfg.base if cfg.method in NEEDS_BASE else None
     refs = ([base] if base else []) + list(cfg.models)
-    ids = {}
-    for i, r in enumerate(refs):
-        for n, s in resolve(recipe, r, f"evolve.models.{i}"):
-            ids[r] = locate(s, n).identity
+    found, ids = _resolve_inputs(recipe, refs, "evolve.models")
     fp = {"config": cfg.model_dump(mode="json"), "inputs": ids}
     # generations may grow without invalidating finished ones: a longer search continues
     fp["config"].pop("generations")
@@ -265,7 +267,7 @@ def run_evolve(recipe: Recipe, force: bool = False) -> dict | None:
     (sd.path / "manifest.json").unlink(missing_ok=True)
     from fusellm.bench.score import best_device
 
-    inp = Inputs(recipe, refs, "evolve.models", device=best_device())
+    inp = Inputs(found, device=best_device())
     genome = Genome(cfg)
     units, nbytes, ndocs = _dev_units(recipe, cfg, inp.tokenizer)
     work = inp.work
@@ -291,17 +293,11 @@ def run_evolve(recipe: Recipe, force: bool = False) -> dict | None:
 
     x0, bounds = genome.x0_bounds()
     csv_path = sd.path / "generations.csv"
-    hist: list[dict] = []
-    if state_path.exists():
-        import pickle
-
-        hist = list(pickle.loads(state_path.read_bytes()).history)
-        log.info("evolve: resuming after generation %d", len(hist))
     with start_run(recipe, "evolve", fp) as tracker:
 
-        def on_generation(rec: dict) -> None:
-            hist.append(rec)
-            atomic_write_bytes(csv_path, _csv(hist, genome).encode())
+        def on_generation(history: list[dict]) -> None:
+            rec = history[-1]
+            atomic_write_bytes(csv_path, _csv(history, genome).encode())
             keys = ("evaluations", "gen_best", "gen_mean", "best", "sigma")
             tracker.log({k: rec[k] for k in keys}, step=rec["generation"])
             log.info(
@@ -333,8 +329,8 @@ def run_evolve(recipe: Recipe, force: bool = False) -> dict | None:
         yaml_text = mergekit_yaml(
             cfg.method,
             params,
-            _location(*reversed(inp.specs[base])) if base else None,
-            {r: _location(s, n) for r, (n, s) in inp.specs.items()},
+            _location(*reversed(found[base])) if base else None,
+            {r: _location(s, n) for r, (n, s) in found.items()},
             {},
             "float32",
         )

@@ -8,6 +8,7 @@ generation and ends exactly where an uninterrupted one would.
 
 from __future__ import annotations
 
+import logging
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from fusellm.storage import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,12 +42,12 @@ def search(
     seed: int,
     popsize: int | None = None,
     state_path: Path | None = None,
-    on_generation: Callable[[dict[str, Any]], None] | None = None,
+    on_generation: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> SearchState:
     """Minimise ``fitness`` over the box ``bounds`` for ``generations`` generations.
 
-    ``on_generation`` receives each generation's record (also kept in ``history``):
-    generation, evaluations, best/mean/min fitness, σ, the best x so far.
+    ``on_generation`` receives ``history`` after each generation; its last record is the
+    new one: generation, evaluations, best/mean fitness, σ, the best x so far.
     """
     try:
         import cma
@@ -63,6 +66,7 @@ def search(
     st: SearchState | None = None
     if state_path is not None and state_path.exists():
         st = pickle.loads(state_path.read_bytes())
+        log.info("search: resuming after generation %d", st.generation)
     if st is None:
         # cma takes seed 0 as "seed from the clock": shift so every seed is reproducible
         opts = {"seed": seed + 1, "bounds": [list(bounds[0]), list(bounds[1])], "verbose": -9}
@@ -94,5 +98,5 @@ def search(
         if state_path is not None:
             atomic_write_bytes(state_path, pickle.dumps(st))
         if on_generation is not None:
-            on_generation(rec)
+            on_generation(st.history)
     return st
