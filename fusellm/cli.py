@@ -172,27 +172,38 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
         FileNotFoundError,
         TimeoutError,
+        FloatingPointError,  # train: a NaN/Inf loss or gradient, step and batch named
     ) as e:
+        print(f"fusellm: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permissions: the message names the path
         print(f"fusellm: error: {e}", file=sys.stderr)
         return 2
 
 
 def _verify(run_dir: Path) -> int:
-    from fusellm.manifest import MANIFEST, verify_files
+    """Re-hash every file that a stage manifest or a checkpoint's completion marker lists;
+    print one line per record and then one line per bad file (path, actual vs expected)."""
+    from fusellm.manifest import CHECKPOINT_COMPLETE, MANIFEST, verify_files
 
-    manifests = sorted(m for m in run_dir.rglob(MANIFEST) if "wandb" not in m.parts)
-    if not manifests:
+    records = sorted(
+        m
+        for name in (MANIFEST, CHECKPOINT_COMPLETE)
+        for m in run_dir.rglob(name)
+        if "wandb" not in m.parts
+    )
+    if not records:
         print(f"fusellm: error: no stage manifests under {run_dir}", file=sys.stderr)
         return 2
     bad = []
-    for m in manifests:
-        problems = verify_files(m.parent)
+    for m in records:
+        problems = verify_files(m.parent, m.name)
         bad += problems
         print(
-            f"{m.parent.relative_to(run_dir)}: {'OK' if not problems else f'{len(problems)} bad file(s)'}"
+            f"{m.parent.relative_to(run_dir)}: {f'{len(problems)} bad file(s)' if problems else 'OK'}"
         )
-    for b in bad:
-        print(b)
+    for problem, _ in bad:
+        print(problem)
     return 1 if bad else 0
 
 

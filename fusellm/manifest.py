@@ -7,14 +7,16 @@ Layout of ``run_dir/<stage>/``::
     manifest.json      written last: fingerprint, per-file sha256/rows/bytes, stats,
                        package versions, and ``"complete": true``
 
-A stage whose manifest is complete and whose fingerprint equals the current one is
-skipped. A stage whose recorded fingerprint differs refuses to run, naming the first
+A stage whose manifest is complete, whose fingerprint equals the current one and whose
+recorded files still have their sha256 is skipped; a complete stage with a missing or
+altered file is reported (path, expected and actual sha256) and regenerated. A stage whose recorded fingerprint differs refuses to run, naming the first
 differing field, unless forced (then its directory is cleared first).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import platform
 import shutil
 import time
@@ -25,8 +27,10 @@ from typing import Any
 from fusellm.recipe import redact
 from fusellm.storage import TMP_MARK, atomic_write_json, read_json, remove_temp_files, sha256_file
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FINGERPRINT = "fingerprint.json"
+CHECKPOINT_COMPLETE = "fusellm-complete.json"  # a train checkpoint's marker + file hashes
 _VERSIONED = ("fusellm", "torch", "transformers", "tokenizers", "accelerate", "datasets", "numpy")
 
 
@@ -78,13 +82,16 @@ class StageDir:
         man = read_json(m)
         return bool(man.get("complete")) and man.get("fingerprint") == self.fingerprint
 
-    def prepare(self, force: bool = False) -> bool:
+    def prepare(self, force: bool = False, keep_changed: bool = False) -> bool:
         """Get ready to (re)run. Returns False when the stage is complete and can be skipped.
 
-        Raises :class:`StageInputsChanged` when earlier outputs came from other inputs.
+        Raises :class:`StageInputsChanged` when earlier outputs came from other inputs,
+        unless ``keep_changed`` (a stage whose outputs are keyed caches: bench).
         """
         old_fp = self._recorded_fingerprint()
-        if old_fp is not None and old_fp != self.fingerprint:
+        if keep_changed and old_fp is not None and old_fp != self.fingerprint and not force:
+            (self.path / MANIFEST).unlink(missing_ok=True)
+        elif old_fp is not None and old_fp != self.fingerprint:
             # Nothing but bookkeeping there (e.g. the last run failed on bad input that
             # the user has since fixed): nothing to protect, start afresh.
             if not force and self._has_work():
@@ -98,7 +105,15 @@ class StageDir:
         elif force and self.path.exists():
             shutil.rmtree(self.path)
         elif self.is_complete():
-            return False
+            bad = verify_files(self.path)
+            if not bad:
+                return False
+            # Regenerate: drop the bad files and the completion marker; the stage's own
+            # resume logic (checkpoints, caches) keeps the rest of its work.
+            for problem, p in bad:
+                log.warning("%s: %s; regenerating it", self.stage, problem)
+                p.unlink(missing_ok=True)
+            (self.path / MANIFEST).unlink()
         self.path.mkdir(parents=True, exist_ok=True)
         remove_temp_files(self.path)
         atomic_write_json(self.path / FINGERPRINT, self.fingerprint)
@@ -142,18 +157,23 @@ class StageDir:
         return manifest
 
 
-def verify_files(stage_path: Path) -> list[str]:
-    """Problems with a complete stage's files: missing ones, or sha256 mismatches."""
-    man = read_json(stage_path / MANIFEST)
+def verify_files(stage_path: Path, record: str = MANIFEST) -> list[tuple[str, Path]]:
+    """(problem, path) for each file listed in ``stage_path/record`` (a manifest or a
+    checkpoint's completion marker) that is missing or whose sha256 differs."""
+    return check_records(stage_path, read_json(stage_path / record).get("files", {}))
+
+
+def check_records(base: Path, files: dict[str, dict]) -> list[tuple[str, Path]]:
+    """(problem, path) for each ``{relative path: {"sha256": ...}}`` entry that does not hold."""
     bad = []
-    for rel, rec in sorted(man.get("files", {}).items()):
-        p = stage_path / rel
+    for rel, rec in sorted(files.items()):
+        p = base / rel
         if not p.exists():
-            bad.append(f"{p}: missing (expected sha256 {rec['sha256']})")
+            bad.append((f"{p}: missing (expected sha256 {rec['sha256']})", p))
             continue
         actual = sha256_file(p)
         if actual != rec["sha256"]:
-            bad.append(f"{p}: sha256 {actual} != expected {rec['sha256']}")
+            bad.append((f"{p}: sha256 {actual} != expected {rec['sha256']}", p))
     return bad
 
 

@@ -79,7 +79,7 @@ def prepare_dir(
         if rank.rank == 0:
             (path / MANIFEST).unlink(missing_ok=True)
     remove_temp_files(path)
-    if rank.rank == 0:
+    if rank.rank == 0 and old != fingerprint:
         atomic_write_json(fp_file, fingerprint)
 
 
@@ -112,7 +112,7 @@ def pending_shards(
                 continue
             p = path / split / shard_name(i)
             problem = shard_problem(p)
-            if problem and p.exists() and sidecar(p).exists():
+            if problem and sidecar(p).exists():  # was finished: truncated, altered or deleted
                 log.warning("%s: %s; recomputing it", label, problem)
             if problem:
                 todo.setdefault(split, []).append(i)

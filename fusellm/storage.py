@@ -8,6 +8,7 @@ torn one, and a killed writer leaves only a ``*.tmp-*`` file that the next run r
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -18,6 +19,16 @@ from pathlib import Path
 from typing import IO, Any
 
 TMP_MARK = ".tmp-"
+
+
+class WriteFailed(OSError):
+    """A write that failed (disk full, quota, file size limit, permissions); the message
+    names the destination path."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
 # Temp names carry host and pid, so that a process cleaning up after killed writers can
 # tell them from live ones (other ranks writing into the same directory right now).
 _HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64]
@@ -41,10 +52,62 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         os.replace(tmp, path)
     except OSError as e:
         _unlink(tmp)
-        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+        raise WriteFailed(e.errno, f"cannot write {path}: {e.strerror or e}") from e
     except BaseException:
         _unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def write_failure_names(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise a failed write inside the block as ``OSError`` naming ``path``: torch.save
+    and safetensors report a full disk as RuntimeError / SafetensorError with the OS error
+    only in their text, and no path."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, WriteFailed):
+            raise
+        raise WriteFailed(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+    except Exception as e:
+        text = str(e).lower()
+        if any(s in text for s in _IO_FAILURES):
+            raise WriteFailed(errno.EIO, f"cannot write {path}: {e}") from e
+        raise
+
+
+_IO_FAILURES = ("no space left", "file too large", "disk quota", "write failed", "ioerror")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp directory beside ``path`` to fill (e.g. by ``save_pretrained``); on success it
+    replaces ``path``. A failed or killed writer never leaves a half-written ``path``, and
+    an earlier complete directory stays until the new one is whole. Write failures are
+    raised as ``OSError`` naming ``path``. Single-writer only (the temp name has the pid).
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{_HOST}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        with write_failure_names(path):
+            yield tmp
+            for p in tmp.rglob("*"):
+                if p.is_file():
+                    with open(p, "rb") as f:
+                        os.fsync(f.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f"{path.name}.old{TMP_MARK}{_HOST}-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _unlink(p: Path) -> None:
@@ -94,9 +157,14 @@ def remove_temp_files(directory: str | os.PathLike) -> list[Path]:
     directory = Path(directory)
     if not directory.exists():
         return []
-    gone = [p for p in directory.rglob(f"*{TMP_MARK}*") if p.is_file() and _writer_dead(p)]
+    gone = [p for p in directory.rglob(f"*{TMP_MARK}*") if _writer_dead(p)]
     for p in gone:
-        _unlink(p)
+        if p.is_dir():
+            import shutil
+
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            _unlink(p)
     return gone
 
 

@@ -63,6 +63,12 @@ def test_bench_resumes_from_its_cache(bench_recipe, caplog):
     caplog.clear()
     with caplog.at_level("INFO"):
         assert main(["bench", str(bench_recipe)]) == 0
+    assert "bench: complete and unchanged" in caplog.text and "cached" not in caplog.text
+    # a lost result file is rebuilt from the cached scores, no model is run again
+    (run / "bench" / "results.json").unlink()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main(["bench", str(bench_recipe)]) == 0
     assert caplog.text.count("all 1 task(s) cached") == 2
     assert json.loads((run / "bench" / "results.json").read_text())["rows"] == first
     # another task scores only what is missing

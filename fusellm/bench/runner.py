@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from fusellm.bench.score import (
 )
 from fusellm.bench.stats import HIGHER_IS_BETTER, compare, item_metrics, perplexity
 from fusellm.bench.tasks import LM, Task, load_lm, load_task
+from fusellm.manifest import StageDir
 from fusellm.models import (
     load_model,
     load_tokenizer,
@@ -46,6 +46,7 @@ from fusellm.tracking import start_run
 
 log = logging.getLogger(__name__)
 STAGE = "bench"
+RESULTS = ["results.json", "results.csv", "results.md", "results.png"]
 
 
 @dataclass
@@ -161,37 +162,46 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
     )
     out_dir = recipe.stage_dir(STAGE)
     cache_dir = out_dir / "cache"
-    if force and cache_dir.exists():
-        shutil.rmtree(cache_dir)
     models = resolve_models(recipe, cfg)
     tasks = load_tasks(recipe, cfg)
     t0 = time.time()
+    device = best_device()
+    # What each score depends on: the model and how it runs, the items' exact texts.
+    keys = {
+        (bm.label, t.name): config_hash(
+            {
+                "model": bm.identity,
+                "task": t.name,
+                "items": config_hash([[it.id, it.requests, it.gold] for it in t.items]),
+                "max_length": cfg.max_length,
+                "numerics": [
+                    device.split(":")[0],
+                    *(str(resolve_dtype(spec, device)) for _, spec in bm.members),
+                ],
+            }
+        )
+        for bm in models
+        for t in tasks
+    }
+    config = {"bench": cfg.model_dump(mode="json"), "models": {m.label: m.identity for m in models}}
+    sd = StageDir(STAGE, out_dir, {**config, "scores": config_hash(sorted(keys.values()))})
+    # A changed model list or task set is not refused: the cache is keyed per model and
+    # task, so a rerun scores only what is new.
+    if not sd.prepare(force, keep_changed=True):
+        log.info("bench: complete and unchanged at %s (skipped)", out_dir)
+        return read_json(out_dir / "results.json")
     records: dict[tuple[str, str], dict] = {}
     tok_ids: dict[str, str] = {}
-    config = {"bench": cfg.model_dump(mode="json"), "models": {m.label: m.identity for m in models}}
+    cache_files: list[Path] = []
     with start_run(recipe, STAGE, config) as tracker:
         for bm in models:
             mdir = cache_dir / f"{_slug(bm.label)}-{config_hash(bm.identity)[:12]}"
-            # What the scores depend on: the model and how it runs, the items' exact texts.
-            device = best_device()
-            numerics = [str(resolve_dtype(spec, device)) for _, spec in bm.members]
-            keys = {
-                t.name: config_hash(
-                    {
-                        "model": bm.identity,
-                        "task": t.name,
-                        "items": config_hash([[it.id, it.requests, it.gold] for it in t.items]),
-                        "max_length": cfg.max_length,
-                        "numerics": [device.split(":")[0], *numerics],
-                    }
-                )
-                for t in tasks
-            }
             todo = []
             for t in tasks:
                 p = mdir / f"{_slug(t.name)}.json"
+                cache_files.append(p)
                 rec = read_json(p) if p.is_file() else {}
-                if rec.get("key") == keys[t.name]:
+                if rec.get("key") == keys[(bm.label, t.name)]:
                     records[(bm.label, t.name)] = rec["scores"]
                     tok_ids[bm.label] = rec["tokenizer"]
                 else:
@@ -208,13 +218,20 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
                     "is for: align + fuse)"
                 )
             tok_ids[bm.label] = fps.pop()
-            lpm = LogProbModel([load_model(spec, name, best_device()) for name, spec in bm.members])
+            lpm = LogProbModel(
+                [load_model(spec, name, best_device()) for name, spec in bm.members],
+                [name for name, _ in bm.members],
+            )
             for t in todo:
                 s0 = time.time()
                 scores = score_task(lpm, toks[0], t, cfg, f"bench {bm.label} {t.name}")
                 atomic_write_json(
                     mdir / f"{_slug(t.name)}.json",
-                    {"key": keys[t.name], "tokenizer": tok_ids[bm.label], "scores": scores},
+                    {
+                        "key": keys[(bm.label, t.name)],
+                        "tokenizer": tok_ids[bm.label],
+                        "scores": scores,
+                    },
                 )
                 records[(bm.label, t.name)] = scores
                 log.info(
@@ -250,6 +267,8 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
         time.time() - t0,
         out_dir / "results.md",
     )
+    rels = [p.relative_to(out_dir).as_posix() for p in cache_files] + RESULTS
+    sd.finish({r: sd.file_record(r) for r in rels}, {"models": labels, "tasks": len(tasks)}, config)
     return {"rows": rows, "models": labels}
 
 

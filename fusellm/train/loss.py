@@ -89,10 +89,12 @@ def fusion_loss_sums(
     clm = torch.where(valid, nll, 0.0).sum()
     use = fused_mask & valid
     lp = fused_logprobs.float()
-    live = torch.isfinite(lp)
+    # -inf marks padding entries; a NaN or +inf is a fault upstream and must reach the
+    # loss (which then stops training) rather than pass for padding.
+    live = lp != -torch.inf
     if tail == "renormalize":
         p = torch.softmax(torch.where(live, lp / temperature, -torch.inf), dim=-1)
-        p = torch.nan_to_num(p)  # rows with no entry at all
+        p = torch.where(live.any(-1, keepdim=True), p, 0.0)  # rows with no entry at all
         tail_term = torch.zeros_like(nll)
         tail_ent = torch.zeros_like(nll)
     elif tail == "bucket":

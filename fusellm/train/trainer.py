@@ -8,16 +8,20 @@ it. A callback stops training on a non-finite gradient before the optimizer step
 
 from __future__ import annotations
 
-import json
+import logging
 import time
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
 
+from fusellm.manifest import CHECKPOINT_COMPLETE, verify_files
+from fusellm.storage import atomic_write_json, sha256_file, write_failure_names
 from fusellm.train.loss import fusion_loss_sums
 
-COMPLETE = "fusellm-complete.json"
+log = logging.getLogger(__name__)
+
+COMPLETE = CHECKPOINT_COMPLETE
 
 
 class NonFiniteError(FloatingPointError):
@@ -72,6 +76,13 @@ class FusionTrainer(Trainer):
         self._tokens += int(inputs["attention_mask"].sum())
         return (loss, out) if return_outputs else loss
 
+    def _save_checkpoint(self, model, trial):
+        # torch.save / safetensors report a full disk without the path: name it.
+        with write_failure_names(
+            Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        ):
+            super()._save_checkpoint(model, trial)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._micro:
             steps = max(self.state.global_step - self._terms_since, 1)
@@ -102,15 +113,42 @@ class NonFiniteGradStop(TrainerCallback):
 
 
 class CompletionMarker(TrainerCallback):
-    """Write a marker into each checkpoint after the Trainer has fully saved it: a
-    checkpoint directory without it (killed mid-save) is never resumed from."""
+    """Write a marker into each checkpoint after the Trainer has fully saved it, with the
+    sha256 of every file in it: a checkpoint without the marker (killed mid-save) or with a
+    file that no longer matches is never resumed from."""
 
     def on_save(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        # With ZeRO every rank writes its own optimizer partition: hash after all have.
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if ckpt.is_dir() and args.process_index == 0:
-            (ckpt / COMPLETE).write_text(json.dumps({"global_step": state.global_step}))
+            files = {
+                p.relative_to(ckpt).as_posix(): {
+                    "sha256": sha256_file(p),
+                    "bytes": p.stat().st_size,
+                }
+                for p in sorted(ckpt.rglob("*"))
+                if p.is_file() and p.name != COMPLETE
+            }
+            atomic_write_json(ckpt / COMPLETE, {"global_step": state.global_step, "files": files})
+
+
+def checkpoint_problems(ckpt: Path) -> list[tuple[str, Path]]:
+    """Missing or altered files of a complete checkpoint (see :class:`CompletionMarker`)."""
+    return verify_files(ckpt, COMPLETE)
 
 
 def latest_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint that is complete and intact; damaged ones are reported (path,
+    expected and actual sha256) and skipped, so training resumes from an earlier one."""
     done = [p for p in Path(output_dir).glob("checkpoint-*") if (p / COMPLETE).exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    for ckpt in sorted(done, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        bad = checkpoint_problems(ckpt)
+        if not bad:
+            return ckpt
+        for problem, _ in bad:
+            log.warning("train: %s; not resuming from %s", problem, ckpt.name)
+    return None
