@@ -16,6 +16,33 @@ GGUF files are converted once (dequantised by transformers' GGUF loader, slow: 1
 vocabulary size is the number of rows of the model's output embedding
 (:func:`model_vocab_size`), never ``len(tokenizer)``: padded vocabularies (Qwen-style,
 or the tiny test models) have more rows than tokens.
+
+Bad model input, and what every stage does with it (errors are :class:`ModelInputError`,
+a ``ValueError``, so the CLI exits with 2; each names the model and the token or limit):
+
+* **No pad token.** Nothing uses ``pad_token``: batches are right-padded with any valid id
+  and the padding is masked by the attention mask (and by the labels in training), so
+  stored top-k, CE and the training loss are the same with, without, or with
+  ``pad = eos`` (tested). fusellm never sets ``pad_token`` itself.
+* **No BOS / EOS.** Extraction and training use the tokenizer's own encoding (no special
+  tokens added if it has none). ``bench`` and ``evolve`` score a document's first token
+  after a BOS (else EOS) prefix; a tokenizer with neither is an error naming the missing
+  tokens (and, in bench, the model) rather than a guessed prefix.
+* **More embedding rows than tokens** (padded vocabularies). Extraction stores the model's
+  distribution over *all* rows, so a padded row can appear in a stored top-k when the
+  model gives it mass (random models do; trained ones give it ~0) with its exact
+  full-vocabulary log-prob. ``align`` never maps a row without a token, so a source's mass
+  there joins the tail; the target's own rows exist in the student, so its fused top-k may
+  keep them. Vocabulary sizes always come from the embedding.
+* **A token id beyond the embedding** (a tokenizer larger than the model): an error naming
+  the model, the token and its id before the forward pass (never an index error inside).
+* **Different maximum lengths.** A model's maximum is ``max_position_embeddings`` /
+  ``n_positions`` / ``max_seq_len`` of its config (:func:`max_positions`). The corpus
+  stage refuses a ``corpus.block_size`` above the maximum of any model it fits
+  (``fit_models``), extraction refuses a document longer than the model's maximum, and
+  bench refuses windows longer than it: each before the forward pass, naming the model
+  (bench: its path) and its maximum. Nothing is clamped silently. (``train.block_size``
+  is not yet checked against the target's maximum by the train stage.)
 """
 
 from __future__ import annotations
@@ -33,7 +60,7 @@ from typing import TYPE_CHECKING
 
 from fusellm.packages import PKG_PREFIX, resolve_pkg_path
 from fusellm.recipe import ModelSpec
-from fusellm.storage import sha256_file
+from fusellm.storage import atomic_write_bytes, sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +72,15 @@ PARTS_PREFIX = "gguf-parts:"
 
 class ModelLoadError(RuntimeError):
     """A model or tokenizer that cannot be loaded; the message names the recipe model."""
+
+
+class ModelInputError(ValueError):
+    """A model that cannot take its input as configured (too long for its positions, a
+    token id beyond its embedding, no BOS/EOS where one is needed). The message names the
+    recipe model and the token or limit, so the user knows which setting to change."""
+
+
+POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_seq_len")
 
 
 def cache_root() -> Path:
@@ -94,16 +130,16 @@ def _cached_sha256(path: Path) -> str:
     if memo.exists():
         return memo.read_text().strip()
     digest = sha256_file(path)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(digest)
+    atomic_write_bytes(memo, digest.encode())  # ranks may memoise the same file at once
     return digest
 
 
 def _dir_identity(path: Path) -> str:
-    """Identity of an HF directory: hash of its config and the names/sizes of its weights.
+    """Identity of an HF directory: a hash of the contents of its files.
 
-    Hashing every weight byte of a 7B model on each run would cost minutes; config plus
-    file sizes and mtimes changes whenever the weights are rewritten.
+    Weight files are hashed once and memoised by path, size and mtime (a 7B model costs
+    ~30 s the first time, nothing after), so a model re-saved with the same weights keeps
+    its identity and downstream stages are not invalidated by a mere rewrite.
     """
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
@@ -112,8 +148,7 @@ def _dir_identity(path: Path) -> str:
             if f.suffix == ".json" and f.stat().st_size < 50_000_000:
                 h.update(f.read_bytes())
             else:
-                st = f.stat()
-                h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+                h.update(_cached_sha256(f).encode())
     return h.hexdigest()
 
 
@@ -245,6 +280,65 @@ def model_vocab_size(model: PreTrainedModel) -> int:
     """Rows of the output embedding (the logits' last dimension), not ``len(tokenizer)``."""
     emb = model.get_output_embeddings() or model.get_input_embeddings()
     return int(emb.weight.shape[0])
+
+
+def max_positions(config) -> tuple[int, str] | None:
+    """A model's maximum sequence length and the config attribute it comes from, or None.
+
+    Learned position tables (GPT-2, MPT) fail with an index or shape error beyond it;
+    rotary models (Llama, GPT-NeoX) run on but were never trained there. Either way fusellm
+    treats it as a hard limit.
+    """
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in POSITION_ATTRS:
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            # The key as config.json spells it (GPT-2 aliases n_positions, for example).
+            return v, getattr(cfg, "attribute_map", {}).get(attr, attr)
+    return None
+
+
+def spec_max_positions(spec: ModelSpec, name: str) -> tuple[int, str] | None:
+    """:func:`max_positions` from the model's config alone (no weights are loaded).
+
+    None when the config is not at hand without heavy work (a GGUF model not converted
+    yet, an unreachable hub id): the model-loading stages check again.
+    """
+    loc = locate(spec, name)
+    if loc.kind == "gguf":
+        d = converted_dir(loc, "model")
+        if not (d / "config.json").exists():
+            return None
+        src = str(d)
+    else:
+        src = loc.location
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(
+            src,
+            revision=spec.revision if loc.kind == "hub" else None,
+            trust_remote_code=spec.trust_remote_code,
+        )
+    except Exception:  # the model load reports it, with the full story
+        return None
+    return max_positions(cfg)
+
+
+def check_positions(
+    name: str, limit: tuple[int, str] | None, length: int, what: str, fix: str | None = None
+) -> None:
+    """Refuse ``length`` tokens for model ``name`` when it exceeds the model's maximum.
+
+    ``what`` names the setting or document; ``fix`` says what to change (default: lower
+    ``what`` to the maximum).
+    """
+    if limit is not None and length > limit[0]:
+        fix = fix or f"lower {what} to at most {limit[0]}"
+        raise ModelInputError(
+            f"model '{name}': {what} is {length} tokens, more than its maximum of "
+            f"{limit[0]} positions (config.{limit[1]}); {fix}"
+        )
 
 
 def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:

@@ -103,77 +103,11 @@ def test_split_is_reproducible_across_runs(tmp_path, tiny_models):
     assert m1["files"] == m2["files"]
 
 
-BAD_LINES = [
-    {"text": "fine"},
-    "{not json",
-    {"body": "no text field"},
-    {"text": ""},
-    {"text": 42},
-    b'{"text": "caf\xe9"}',
-    [1, 2],
-    {"text": "also fine"},
-]
-REASONS = ["malformed_json", "missing_field", "empty", "not_a_string", "non_utf8", "not_an_object"]
+# Bad records of every kind (jsonl lines, parquet schemas) in error and skip mode are
+# tested in tests/reliability/test_bad_input.py.
 
 
-def write_bad(path):
-    with open(path, "wb") as f:
-        for r in BAD_LINES:
-            f.write(
-                (
-                    r
-                    if isinstance(r, bytes)
-                    else (r if isinstance(r, str) else json.dumps(r)).encode()
-                )
-                + b"\n"
-            )
-
-
-@pytest.mark.parametrize(
-    "lineno,reason",
-    [
-        (2, "malformed_json"),
-        (3, "missing_field"),
-        (4, "empty"),
-        (5, "not_a_string"),
-        (6, "non_utf8"),
-        (7, "not_an_object"),
-    ],
-)
-def test_error_mode_names_file_and_line(tmp_path, tiny_models, lineno, reason):
-    path = tmp_path / "bad.jsonl"
-    write_bad(path)
-    # keep the good lines plus exactly one bad line
-    lines = path.read_bytes().split(b"\n")
-    path.write_bytes(
-        b"\n".join([lines[0]] + [b""] * (lineno - 2) + [lines[lineno - 1], lines[7]]) + b"\n"
-    )
-    r = recipe_for(tmp_path, tiny_models, f"    - {{path: {path}}}")
-    with pytest.raises(CorpusInputError, match=rf"bad\.jsonl:{lineno}: {reason}"):
-        runner.run(r)
-    assert not (tmp_path / "run" / "corpus" / "manifest.json").exists()
-    assert not list((tmp_path / "run" / "corpus").glob("*.tmp-*"))
-
-
-def test_skip_mode_counts_each_reason(tmp_path, tiny_models):
-    path = tmp_path / "bad.jsonl"
-    write_bad(path)
-    r = recipe_for(tmp_path, tiny_models, f"    - {{path: {path}}}", "  on_error: skip")
-    man = runner.run(r)
-    assert man["stats"]["skipped"] == {k: 1 for k in REASONS}
-    assert sum(man["stats"]["splits"][s]["documents"] for s in ("train", "valid", "test")) == 2
-
-
-def test_parquet_wrong_schema_and_duplicate_ids(tmp_path, tiny_models):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "w.parquet")
-    r = recipe_for(tmp_path, tiny_models, f"    - {{path: {tmp_path / 'w.parquet'}}}")
-    with pytest.raises(
-        CorpusInputError, match=r"w\.parquet:0: bad_schema: missing column\(s\) \['text'\]"
-    ):
-        runner.run(r)
+def test_duplicate_ids_name_both_lines(tmp_path, tiny_models):
     write_jsonl(tmp_path / "d.jsonl", [{"id": 1, "text": "a b"}, {"id": 1, "text": "c d"}])
     r = recipe_for(tmp_path, tiny_models, f"    - {{path: {tmp_path / 'd.jsonl'}, id_field: id}}")
     with pytest.raises(

@@ -12,6 +12,13 @@ everything before it in the unit. A unit's score is the summed log-prob of those
   into disjoint windows, each seeing the previous window's last token.
 - An ensemble averages its members' next-token *probabilities* over the full vocabulary
   (members must share a tokenizer).
+
+Bad model input (rules for every stage in :mod:`fusellm.models`): a tokenizer with
+neither BOS nor EOS cannot give the prefix, which is an error naming it (the bench
+runner prefixes the model's name); a batch whose units are longer than a model's maximum
+positions, or that holds a token id beyond a model's embedding rows, is refused before
+its forward pass, naming the model, its maximum or the token. Padding is masked, so the
+pad id (the tokenizer's, BOS or EOS) never changes a score.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from fusellm.models import ModelInputError, check_positions, max_positions, model_vocab_size
 
 
 @dataclass
@@ -34,7 +43,11 @@ def prefix_id(tok) -> int:
     """The token every scored sequence starts with: BOS, else EOS (lm-eval's choice)."""
     pid = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     if pid is None:
-        raise ValueError(f"tokenizer {tok.name_or_path!r} has neither BOS nor EOS to start with")
+        raise ModelInputError(
+            f"tokenizer {tok.name_or_path!r} has no BOS and no EOS token, so the first token "
+            "of a text has nothing to be predicted from; set bos_token (or eos_token) in its "
+            "tokenizer_config.json"
+        )
     return int(pid)
 
 
@@ -68,8 +81,24 @@ def document_units(tok, text: str, max_length: int) -> list[Unit]:
 class LogProbModel:
     """Next-token log-probs of one causal LM, or of an ensemble sharing one tokenizer."""
 
-    def __init__(self, models: Sequence[torch.nn.Module]):
+    def __init__(self, models: Sequence[torch.nn.Module], names: Sequence[str] | None = None):
         self.models = list(models)
+        self.names = list(names) if names is not None else [_model_name(m) for m in models]
+        self.limits = [max_positions(m.config) for m in self.models]
+        self.rows = [model_vocab_size(m) for m in self.models]
+
+    def check(self, width: int, max_id: int) -> None:
+        """Refuse a batch ``width`` tokens wide or holding id ``max_id`` that some member
+        cannot take (before the forward pass, instead of an index error inside it)."""
+        for name, limit, rows in zip(self.names, self.limits, self.rows, strict=True):
+            check_positions(
+                name, limit, width, "a bench window", "lower bench.max_length (or evolve's)"
+            )
+            if max_id >= rows:
+                raise ModelInputError(
+                    f"model '{name}': token id {max_id} is beyond its {rows} embedding rows: "
+                    "the tokenizer does not belong to this model"
+                )
 
     @staticmethod
     def _combine(lps: list[torch.Tensor]) -> torch.Tensor:
@@ -97,6 +126,9 @@ class LogProbModel:
         count int64 ``[N]``, greedy match bool ``[N]``). Only the scored rows of the logits are
         normalised (no second ``[B, T, V]`` tensor: V is 262k for Gemma)."""
         T = max(len(u.ids) for u in units)
+        self.check(T, max(max(u.ids) for u in units))
+        if not 0 <= pad_id < min(self.rows):  # e.g. a pad token added beyond the embedding
+            pad_id = 0  # masked anyway: any valid id will do
         ids = torch.full((len(units), T), pad_id, dtype=torch.long)
         mask = torch.zeros((len(units), T), dtype=torch.long)
         for i, u in enumerate(units):  # right padding: positions stay 0..len-1
@@ -121,6 +153,10 @@ class LogProbModel:
             ns[i] = u.n
             greedy[i] = bool((pred.argmax(-1) == tgt).all())
         return lps, ns, greedy
+
+
+def _model_name(model: torch.nn.Module) -> str:
+    return str(getattr(model.config, "name_or_path", "") or type(model).__name__)
 
 
 def best_device() -> str:

@@ -4,6 +4,13 @@ Every reader yields :class:`RawDoc` and reports bad records to a :class:`Problem
 object: in ``error`` mode the first problem raises :class:`CorpusInputError` naming
 file, line (row for parquet/datasets) and reason; in ``skip`` mode it is counted per
 reason and the counts land in the stage manifest.
+
+Reasons: ``malformed_json``, ``not_an_object``, ``missing_field`` (text or id field absent
+or null), ``not_a_string``, ``non_utf8`` (a jsonl line or a text file: one count),
+``empty`` (fewer than ``min_chars`` non-space characters), ``bad_schema`` (a parquet file
+or saved dataset without the text/id column, or whose text column is not a string type:
+one count per file), ``bad_file`` (unreadable), ``duplicate_id``. Lines count from 1;
+parquet and dataset records by row from 1; ``:0`` is the file as a whole (its schema).
 """
 
 from __future__ import annotations
@@ -197,6 +204,13 @@ def _read_parquet(path: Path, inp: CorpusInput, problems: Problems) -> Iterator[
             "bad_schema", f"{path}:0", f"missing column(s) {missing}; columns are {names}"
         )
         return
+    text_type = pf.schema_arrow.field(inp.text_field).type
+    if not _is_text_type(text_type):
+        # One report for the file, not one per row: every row would fail the same way.
+        problems.report(
+            "bad_schema", f"{path}:0", f"column '{inp.text_field}' has type {text_type}, not string"
+        )
+        return
     row = 0
     for batch in pf.iter_batches(columns=wanted, batch_size=1024):
         for rec in batch.to_pylist():
@@ -204,6 +218,16 @@ def _read_parquet(path: Path, inp: CorpusInput, problems: Problems) -> Iterator[
             doc = _doc_from_record(rec, inp, path, f"{path}:{row}", f"{path.name}:{row}", problems)
             if doc is not None:
                 yield doc
+
+
+def _is_text_type(t) -> bool:
+    """An arrow string column (plain, large, view, or dictionary-encoded strings)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    is_view = getattr(pa.types, "is_string_view", lambda _: False)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or is_view(t)
 
 
 def _read_disk(path: Path, inp: CorpusInput, problems: Problems) -> Iterator[RawDoc]:

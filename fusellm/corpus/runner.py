@@ -3,6 +3,18 @@
 Writes ``run_dir/corpus/{train,valid,test}.jsonl`` (one chunk per line:
 ``{"id", "parent", "domain", "text"}``) and ``manifest.json`` with per-split counts,
 skip counts per reason, and sha256 of every file.
+
+Bad input (see :mod:`fusellm.corpus.readers` for the reasons): with ``on_error: error``
+the first bad record stops the stage with ``file:line: reason: detail`` and nothing is
+published; with ``on_error: skip`` it is skipped and counted per reason in the manifest
+(``stats.skipped``, one example each in ``stats.skip_examples``).
+
+Long documents are not bad input: each is cut (:func:`fusellm.corpus.core.cut_spans`) into
+consecutive chunks that every model in ``fit_models`` (default: all) tokenizes, special
+tokens included, into at most ``block_size`` tokens; chunks are ``<id>#0, <id>#1, ...``,
+reassemble the document exactly, and depend only on the text and the tokenizers (the
+same input gives byte-identical files). A ``block_size`` above the maximum length of a
+model it fits is refused before anything is read, naming the model and its maximum.
 """
 
 from __future__ import annotations
@@ -17,7 +29,13 @@ from fusellm.corpus.builtin import builtin_identity, read_builtin
 from fusellm.corpus.core import SPLITS, Fitter, cut_spans, split_of
 from fusellm.corpus.readers import CorpusInputError, Problems, input_files, read_input
 from fusellm.manifest import StageDir
-from fusellm.models import load_tokenizer, special_token_overhead, tokenizer_fingerprint
+from fusellm.models import (
+    check_positions,
+    load_tokenizer,
+    spec_max_positions,
+    special_token_overhead,
+    tokenizer_fingerprint,
+)
 from fusellm.recipe import Recipe
 from fusellm.storage import atomic_open, sha256_tree
 from fusellm.tracking import start_run
@@ -56,6 +74,9 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
         raise ValueError("the recipe has no 'corpus:' section")
     fit = cfg.fit_models or recipe.all_models
     toks = {name: load_tokenizer(recipe.models[name], name) for name in fit}
+    for name in fit:  # chunks of block_size tokens must fit each model's positions
+        limit = spec_max_positions(recipe.models[name], name)
+        check_positions(name, limit, cfg.block_size, "corpus.block_size")
     fingerprint = {
         "config": cfg.model_dump(mode="json"),
         "inputs": _input_identity(recipe),

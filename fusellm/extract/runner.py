@@ -9,6 +9,14 @@ from torchrun / ``accelerate launch`` / the deepspeed launcher). Each rank skips
 that already have a valid sidecar, recomputes missing, unfinished or corrupt ones, and
 the rank that finds every shard valid writes the manifest. Shard contents depend only on
 the documents in the shard, so 1 and N processes write the same shards.
+
+Bad model input (the rules for every stage are in :mod:`fusellm.models`): before a
+shard's forward pass, a document longer than the model's maximum positions, or a token id
+beyond the model's embedding rows (a tokenizer larger than the model), stops with a
+:class:`~fusellm.models.ModelInputError` naming the model, the document and the token or
+limit. The pad token plays no part: batches are right-padded with id 0, every padded
+position is masked and dropped before the output head, so nothing stored depends on it. Padded embedding rows are part of the stored
+distribution (top-k and log-softmax over all rows).
 """
 
 from __future__ import annotations
@@ -29,7 +37,15 @@ from fusellm.corpus.runner import split_file
 from fusellm.extract.config import CONTENT_FIELDS, ExtractConfig
 from fusellm.extract.core import TopKScorer, pad_batch, plan_batches
 from fusellm.manifest import load_manifest
-from fusellm.models import load_model, load_tokenizer, locate, tokenizer_fingerprint
+from fusellm.models import (
+    ModelInputError,
+    check_positions,
+    load_model,
+    load_tokenizer,
+    locate,
+    max_positions,
+    tokenizer_fingerprint,
+)
 from fusellm.recipe import Recipe
 from fusellm.sharded import Rank, finish_if_complete, pending_shards, prepare_dir, shard_paths
 from fusellm.shards import DocDist, encode_shard, shard_name, write_shard
@@ -59,15 +75,6 @@ def _device(cfg: ExtractConfig, rank: Rank) -> str:
     return f"cuda:{rank.local}" if torch.cuda.is_available() else "cpu"
 
 
-def _max_positions(model) -> int | None:
-    c = model.config
-    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        v = getattr(c, attr, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
 def _read_docs(path: Path) -> Iterator[tuple[str, str]]:
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -80,21 +87,39 @@ def extract_shard(
     tok,
     docs: list[tuple[str, str]],
     cfg: ExtractConfig,
-    max_pos: int | None,
+    max_pos: tuple[int, str] | None,
     name: str,
 ) -> list[DocDist]:
-    """Tokenize and score one shard's documents (order kept)."""
+    """Tokenize and score one shard's documents (order kept).
+
+    Every document is checked against the model (length, token ids) before any forward
+    pass of the shard, so bad input stops with a message instead of an index error.
+    """
     enc = tok(
         [t for _, t in docs], add_special_tokens=cfg.add_special_tokens, return_offsets_mapping=True
     )
     seqs = enc["input_ids"]
     for (doc_id, _), s in zip(docs, seqs, strict=True):
-        if max_pos is not None and len(s) > max_pos:
-            raise ValueError(
-                f"extract[{name}]: document '{doc_id}' has {len(s)} tokens, more than the model's "
-                f"{max_pos} positions; add '{name}' to corpus.fit_models or lower corpus.block_size"
+        check_positions(
+            name,
+            max_pos,
+            len(s),
+            f"extract: document '{doc_id}'",
+            f"add '{name}' to corpus.fit_models or lower corpus.block_size, then rerun "
+            "the corpus stage with --force",
+        )
+        if s and max(s) >= scorer.vocab_size:
+            bad = next(t for t in s if t >= scorer.vocab_size)
+            raise ModelInputError(
+                f"model '{name}': extract: document '{doc_id}' has token "
+                f"{tok.convert_ids_to_tokens(bad)!r} (id {bad}) beyond the model's "
+                f"{scorer.vocab_size} embedding rows: the tokenizer does not belong to this "
+                f"model (check models.{name}.tokenizer)"
             )
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    # Padded positions are masked and dropped before the head, so any valid id will do:
+    # id 0 exists in every vocabulary, whereas the tokenizer's pad token may be missing,
+    # be EOS, or be an added token beyond the embedding.
+    pad = 0
     k = cfg.top_k
     out: list[DocDist | None] = [None] * len(docs)
     nonempty = [i for i, s in enumerate(seqs) if s]
@@ -172,7 +197,7 @@ def _compute(recipe, cfg, name, spec, tok, corpus_dir, todo, path, rank, fingerp
     t0 = time.time()
     model = load_model(spec, name, device)
     scorer = TopKScorer(model, cfg.top_k, cfg.head_chunk_tokens)
-    max_pos = _max_positions(model)
+    max_pos = max_positions(model.config)
     log.info(
         "extract[%s]: %s on %s, vocab %d, head %s, %d shard(s) to do (rank %d/%d)",
         name,
