@@ -241,6 +241,15 @@ def interpolate(tree: Any, builtins: Mapping[str, str] | None = None) -> Any:
             return builtins[ref]
         if ref.startswith("env:"):
             name = ref[4:]
+            if name in _SECRET_ENV:
+                # A recipe value is written to manifests, fingerprints, checkpoints (the
+                # Trainer pickles its arguments) and W&B configs; fusellm and the
+                # libraries read these from the environment themselves.
+                raise RecipeError(
+                    f"${{{ref}}}: secrets may not be interpolated into the recipe (it is "
+                    "recorded in manifests, checkpoints and W&B); it is read from the "
+                    "environment where needed"
+                )
             if name not in os.environ:
                 raise RecipeError(f"${{{ref}}}: environment variable {name} is not set")
             return os.environ[name]

@@ -68,7 +68,7 @@ def test_a_killed_search_resumes_to_the_same_result(tmp_path):
             raise KeyboardInterrupt
         return f(x)
 
-    path = tmp_path / "search.pkl"
+    path = tmp_path / "search.json"
     with pytest.raises(KeyboardInterrupt):
         search(dies, *args, 8, seed=3, popsize=6, state_path=path)
     resumed = search(f, *args, 8, seed=3, popsize=6, state_path=path)

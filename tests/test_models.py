@@ -78,17 +78,19 @@ def test_missing_local_path_and_package(tmp_path):
         locate(ModelSpec(path="pkg:no_such_pkg_xyz/m.gguf"), "g")
 
 
-def test_trust_remote_code_only_when_set(tiny_models, monkeypatch):
-    import transformers
+def test_max_positions_names_the_key_config_json_uses(tiny_models):
+    """Length errors tell the user which config key holds the limit (GPT-2 aliases
+    ``n_positions`` as ``max_position_embeddings``; MPT calls it ``max_seq_len``)."""
+    from transformers import AutoConfig
 
-    seen = []
-    real = transformers.AutoModelForCausalLM.from_pretrained
+    from fusellm.models import max_positions, spec_max_positions
 
-    def spy(*a, **k):
-        seen.append(k.get("trust_remote_code"))
-        return real(*a, **k)
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
-    load_model(ModelSpec(path=str(tiny_models["llama_bpe"])), "a")
-    load_model(ModelSpec(path=str(tiny_models["llama_bpe"]), trust_remote_code=True), "b")
-    assert seen == [False, True]
+    got = {n: max_positions(AutoConfig.from_pretrained(p)) for n, p in tiny_models.items()}
+    assert got == {
+        "llama_bpe": (512, "max_position_embeddings"),
+        "neox_unigram": (512, "max_position_embeddings"),
+        "gpt2_wordpiece": (512, "n_positions"),
+        "mpt_bpe": (512, "max_seq_len"),
+    }
+    spec = ModelSpec(path=str(tiny_models["gpt2_wordpiece"]))
+    assert spec_max_positions(spec, "gpt2") == (512, "n_positions")

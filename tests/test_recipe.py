@@ -153,14 +153,6 @@ def test_train_section_checked_against_training_arguments(tmp_path):
         load_text(tmp_path, BASE + "train: {output_dir: /x}\n")
 
 
-def test_python_tags_refused_without_running(tmp_path):
-    sentinel = tmp_path / "pwned"
-    evil = BASE + f"x: !!python/object/apply:os.system ['touch {sentinel}']\n"
-    with pytest.raises(RecipeError, match=r"r\.yaml:\d+: invalid recipe YAML"):
-        load_text(tmp_path, evil)
-    assert not sentinel.exists()
-
-
 def test_duplicate_keys_refused(tmp_path):
     with pytest.raises(RecipeError, match=r"r\.yaml:\d+: .*duplicate key 'seed'"):
         load_text(tmp_path, BASE + "seed: 1\nseed: 2\n")

@@ -31,10 +31,11 @@ from fusellm.models import (
 )
 from fusellm.recipe import ModelSpec, Recipe
 from fusellm.refs import resolve
-from fusellm.storage import atomic_write_bytes, atomic_write_json
+from fusellm.storage import atomic_dir, atomic_write_bytes, atomic_write_json
 from fusellm.tracking import start_run
 
 log = logging.getLogger(__name__)
+SEARCH_STATE = "search.json"  # evolve: per-generation CMA-ES checkpoint (JSON, no pickle)
 
 
 class Inputs:
@@ -61,8 +62,9 @@ class Inputs:
     def save(self, merged: dict[str, torch.Tensor], out_dir, dtype: torch.dtype) -> None:
         """Write ``merged`` in ``dtype`` with the first model's config and the tokenizer."""
         self.work.to(dtype).load_state_dict(merged)
-        self.work.save_pretrained(out_dir)
-        self.tokenizer.save_pretrained(out_dir)
+        with atomic_dir(out_dir) as tmp:
+            self.work.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
 
 
 def _resolve_inputs(
@@ -111,7 +113,7 @@ def _files(sd: StageDir) -> dict[str, dict]:
         for p in sorted(sd.path.rglob("*"))
         if p.is_file()
         and p.name not in ("manifest.json", "fingerprint.json", "metrics.jsonl")
-        and p.suffix != ".pkl"
+        and p.name != SEARCH_STATE  # the search's working checkpoint, not an output
     }
 
 
@@ -257,7 +259,7 @@ def run_evolve(recipe: Recipe, force: bool = False) -> dict | None:
     # generations may grow without invalidating finished ones: a longer search continues
     fp["config"].pop("generations")
     sd = StageDir("evolve", recipe.stage_dir("evolve"), fp)
-    state_path = sd.path / "search.pkl"
+    state_path = sd.path / SEARCH_STATE
     if not sd.prepare(force):
         from fusellm.storage import read_json
 

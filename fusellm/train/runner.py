@@ -10,14 +10,16 @@ loadable with ``AutoModelForCausalLM``. Metrics go to the stage's W&B run.
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from pathlib import Path
 
 from fusellm.fuse.runner import STAGE as FUSE
-from fusellm.manifest import StageDir, load_manifest
-from fusellm.models import load_model, load_tokenizer, locate
+from fusellm.manifest import CorruptArtifact, StageDir, load_manifest
+from fusellm.models import check_positions, load_model, load_tokenizer, locate, max_positions
 from fusellm.recipe import Recipe, config_hash
 from fusellm.sharded import shard_paths
+from fusellm.storage import write_failure_names
 from fusellm.tracking import start_run, wandb_env
 
 log = logging.getLogger(__name__)
@@ -105,15 +107,14 @@ def _run(recipe: Recipe, force: bool, stage: str, overrides: dict) -> dict | Non
 def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]:
     """Train on this process; returns the run's stats and the saved model directory."""
     from fusellm.train.data import FusedBlocks, collate
-    from fusellm.train.trainer import (
-        CompletionMarker,
-        FusionTrainer,
-        NonFiniteGradStop,
-        latest_complete_checkpoint,
-    )
+    from fusellm.train.trainer import CompletionMarker, FusionTrainer, NonFiniteGradStop
 
     spec = recipe.models[recipe.target]
     dataset = FusedBlocks(paths, args.block_size)
+    if args.deepspeed:
+        from fusellm.train import safe_load
+
+        safe_load.install()  # a ZeRO resume then loads with weights_only=True
     if args.deepspeed and args.world_size > 1:
         import deepspeed
 
@@ -131,6 +132,9 @@ def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]
         deepspeed.init_distributed(dist_backend="gloo" if args.device.type == "cpu" else "nccl")
     tok = load_tokenizer(spec, recipe.target)
     model = load_model(spec, recipe.target, "cpu").train()
+    # GPT-2/MPT position tables fail inside the first forward beyond their maximum; rotary
+    # models run on silently where they were never trained. Refuse before any step.
+    check_positions(recipe.target, max_positions(model.config), args.block_size, "train.block_size")
     if args.gradient_checkpointing:
         model.config.use_cache = False
     t0 = time.time()
@@ -141,16 +145,24 @@ def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]
         data_collator=collate,
         callbacks=[NonFiniteGradStop(), CompletionMarker()],
     )
-    resume = latest_complete_checkpoint(sd.path / "checkpoints")
-    if resume:
-        log.info("train: resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    ckpts = sd.path / "checkpoints"
+    resume = _on_rank0(lambda: _resume_point(ckpts), args.process_index == 0)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except pickle.UnpicklingError as e:  # weights_only loading refused a file
+        raise CorruptArtifact(
+            f"train: {resume} holds a file that is not a safe checkpoint (a pickle that "
+            f"would run code?); refused without loading it: {str(e).splitlines()[0]}"
+        ) from e
     out_dir = sd.path / "model"
-    trainer.save_model(str(out_dir))
-    if args.process_index == 0:
-        tok.save_pretrained(str(out_dir))
-        # A pickle of the arguments; the recipe and manifest already record them.
-        (out_dir / "training_args.bin").unlink(missing_ok=True)
+    # Written in place (every rank takes part in gathering ZeRO-3 weights): the manifest,
+    # written after it, is what makes it count.
+    with write_failure_names(out_dir):
+        trainer.save_model(str(out_dir))
+        if args.process_index == 0:
+            tok.save_pretrained(str(out_dir))
+            # A pickle of the arguments; the recipe and manifest already record them.
+            (out_dir / "training_args.bin").unlink(missing_ok=True)
     secs = time.time() - t0
     stats = {
         "train_loss": result.training_loss,
@@ -161,6 +173,24 @@ def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]
         "tokens_per_s": round(dataset.total * args.num_train_epochs / max(secs, 1e-9), 1),
     }
     return stats, out_dir
+
+
+def _resume_point(ckpts: Path) -> Path | None:
+    """The newest intact checkpoint; later ones (killed mid-save or damaged) are removed so
+    that the Trainer writes them afresh and never rotates a good one out in their favour."""
+    import shutil
+
+    from fusellm.train.trainer import latest_complete_checkpoint
+
+    resume = latest_complete_checkpoint(ckpts)
+    step = int(resume.name.split("-")[1]) if resume else 0
+    for p in ckpts.glob("checkpoint-*"):
+        if int(p.name.split("-")[1]) > step:
+            log.warning("train: removing %s (incomplete or damaged)", p)
+            shutil.rmtree(p)
+    if resume:
+        log.info("train: resuming from %s", resume)
+    return resume
 
 
 def _on_rank0(fn, is_rank0: bool):
