@@ -197,7 +197,7 @@ def _verify(run_dir: Path) -> int:
         return 2
     bad = []
     for m in records:
-        problems = verify_files(m.parent, m.name)
+        problems = verify_files(m.parent, m.name, full=True)
         bad += problems
         print(
             f"{m.parent.relative_to(run_dir)}: {f'{len(problems)} bad file(s)' if problems else 'OK'}"

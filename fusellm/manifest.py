@@ -20,12 +20,20 @@ import logging
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fusellm.recipe import redact
-from fusellm.storage import TMP_MARK, atomic_write_json, read_json, remove_temp_files, sha256_file
+from fusellm.storage import (
+    TMP_MARK,
+    atomic_write_json,
+    file_record,
+    read_json,
+    record_problem,
+    remove_temp_files,
+)
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -74,6 +82,12 @@ class StageDir:
     path: Path
     fingerprint: dict[str, Any]
     started: float = field(default_factory=time.time)
+    # set by prepare() when a complete stage is being regenerated: its old manifest
+    previous: dict | None = None
+
+    def __post_init__(self) -> None:
+        # A recipe value may hold a secret (a literal token): never write one to disk.
+        self.fingerprint = redact(self.fingerprint)
 
     def is_complete(self) -> bool:
         m = self.path / MANIFEST
@@ -82,15 +96,25 @@ class StageDir:
         man = read_json(m)
         return bool(man.get("complete")) and man.get("fingerprint") == self.fingerprint
 
-    def prepare(self, force: bool = False, keep_changed: bool = False) -> bool:
+    def prepare(
+        self,
+        force: bool = False,
+        keep_changed: bool = False,
+        can_regenerate: Callable[[dict], str | None] | None = None,
+    ) -> bool:
         """Get ready to (re)run. Returns False when the stage is complete and can be skipped.
 
         Raises :class:`StageInputsChanged` when earlier outputs came from other inputs,
-        unless ``keep_changed`` (a stage whose outputs are keyed caches: bench).
+        unless ``keep_changed`` (a stage whose outputs are keyed caches: bench; files its
+        old manifest lists are still checked). A complete stage with damaged files is
+        regenerated; ``can_regenerate(old_manifest)`` may refuse that with a reason
+        (:class:`CorruptArtifact`, nothing touched), e.g. when it would mean retraining.
         """
         old_fp = self._recorded_fingerprint()
         if keep_changed and old_fp is not None and old_fp != self.fingerprint and not force:
-            (self.path / MANIFEST).unlink(missing_ok=True)
+            if (self.path / MANIFEST).exists():
+                self._drop_damaged()
+                (self.path / MANIFEST).unlink()
         elif old_fp is not None and old_fp != self.fingerprint:
             # Nothing but bookkeeping there (e.g. the last run failed on bad input that
             # the user has since fixed): nothing to protect, start afresh.
@@ -108,16 +132,25 @@ class StageDir:
             bad = verify_files(self.path)
             if not bad:
                 return False
+            old = read_json(self.path / MANIFEST)
+            if can_regenerate and (why := can_regenerate(old)):
+                raise CorruptArtifact(
+                    "; ".join(p for p, _ in bad) + f". {why}; pass --force to recompute it"
+                )
             # Regenerate: drop the bad files and the completion marker; the stage's own
             # resume logic (checkpoints, caches) keeps the rest of its work.
-            for problem, p in bad:
-                log.warning("%s: %s; regenerating it", self.stage, problem)
-                p.unlink(missing_ok=True)
+            self._drop_damaged(bad)
+            self.previous = old
             (self.path / MANIFEST).unlink()
         self.path.mkdir(parents=True, exist_ok=True)
         remove_temp_files(self.path)
         atomic_write_json(self.path / FINGERPRINT, self.fingerprint)
         return True
+
+    def _drop_damaged(self, bad: list[tuple[str, Path]] | None = None) -> None:
+        for problem, p in verify_files(self.path) if bad is None else bad:
+            log.warning("%s: %s; regenerating it", self.stage, problem)
+            p.unlink(missing_ok=True)
 
     def _has_work(self) -> bool:
         bookkeeping = {FINGERPRINT, "metrics.jsonl"}
@@ -135,8 +168,7 @@ class StageDir:
         return None
 
     def file_record(self, rel: str, rows: int | None = None, **extra: Any) -> dict[str, Any]:
-        p = self.path / rel
-        rec = {"sha256": sha256_file(p), "bytes": p.stat().st_size, **extra}
+        rec = {**file_record(self.path / rel), **extra}
         if rows is not None:
             rec["rows"] = rows
         return rec
@@ -157,24 +189,28 @@ class StageDir:
         return manifest
 
 
-def verify_files(stage_path: Path, record: str = MANIFEST) -> list[tuple[str, Path]]:
+def verify_files(
+    stage_path: Path, record: str = MANIFEST, full: bool = False
+) -> list[tuple[str, Path]]:
     """(problem, path) for each file listed in ``stage_path/record`` (a manifest or a
-    checkpoint's completion marker) that is missing or whose sha256 differs."""
-    return check_records(stage_path, read_json(stage_path / record).get("files", {}))
+    checkpoint's completion marker) that is missing or altered. ``full`` re-hashes every
+    file; otherwise files with their recorded size and mtime are trusted (see
+    :func:`fusellm.storage.record_problem`)."""
+    files = read_json(stage_path / record).get("files", {})
+    return [
+        (problem, stage_path / rel)
+        for rel, rec in sorted(files.items())
+        if (problem := record_problem(stage_path / rel, rec, full))
+    ]
 
 
-def check_records(base: Path, files: dict[str, dict]) -> list[tuple[str, Path]]:
-    """(problem, path) for each ``{relative path: {"sha256": ...}}`` entry that does not hold."""
-    bad = []
-    for rel, rec in sorted(files.items()):
-        p = base / rel
-        if not p.exists():
-            bad.append((f"{p}: missing (expected sha256 {rec['sha256']})", p))
-            continue
-        actual = sha256_file(p)
-        if actual != rec["sha256"]:
-            bad.append((f"{p}: sha256 {actual} != expected {rec['sha256']}", p))
-    return bad
+def outputs_hash(manifest: dict) -> str:
+    """Identity of a stage's outputs for the stages that read them: their names and
+    sha256 only (not sizes or timestamps), so an output regenerated bit for bit does not
+    invalidate what was built from it."""
+    from fusellm.recipe import config_hash
+
+    return config_hash({rel: rec["sha256"] for rel, rec in manifest["files"].items()})
 
 
 def load_manifest(stage_path: Path, stage: str) -> dict:

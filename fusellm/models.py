@@ -40,9 +40,9 @@ a ``ValueError``, so the CLI exits with 2; each names the model and the token or
   ``n_positions`` / ``max_seq_len`` of its config (:func:`max_positions`). The corpus
   stage refuses a ``corpus.block_size`` above the maximum of any model it fits
   (``fit_models``), extraction refuses a document longer than the model's maximum, and
-  bench refuses windows longer than it: each before the forward pass, naming the model
-  (bench: its path) and its maximum. Nothing is clamped silently. (``train.block_size``
-  is not yet checked against the target's maximum by the train stage.)
+  bench refuses windows longer than it, and train a ``train.block_size`` above the
+  target's: each before the forward pass, naming the model and its maximum. Nothing is
+  clamped silently.
 """
 
 from __future__ import annotations
@@ -129,8 +129,16 @@ def _cached_sha256(path: Path) -> str:
     memo = cache_root() / "sha256" / key
     if memo.exists():
         return memo.read_text().strip()
-    digest = sha256_file(path)
-    atomic_write_bytes(memo, digest.encode())  # ranks may memoise the same file at once
+    import fcntl
+
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    # Ranks starting together would each hash the same 14 GB: one does, the rest wait.
+    with open(memo.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if memo.exists():
+            return memo.read_text().strip()
+        digest = sha256_file(path)
+        atomic_write_bytes(memo, digest.encode())
     return digest
 
 

@@ -146,6 +146,7 @@ def finish_if_complete(
             files[f"{split}/{shard_name(i)}"] = {
                 "sha256": rec["sha256"],
                 "bytes": rec["bytes"],
+                "mtime_ns": rec.get("mtime_ns"),
                 "rows": rec["docs"],
                 "tokens": rec["tokens"],
                 **{k: v for k, v in rec.items() if k.startswith("x_")},

@@ -46,7 +46,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fusellm.manifest import CorruptArtifact
-from fusellm.storage import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from fusellm.storage import (
+    atomic_write_bytes,
+    atomic_write_json,
+    file_record,
+    read_json,
+    record_problem,
+)
 
 FORMAT = "fusellm-topk/1"
 
@@ -196,7 +202,7 @@ def write_shard(path: Path, data: bytes, docs: int, tokens: int, extra: dict | N
 
     ``extra`` keys (prefixed ``x_``) are per-shard statistics that the manifest sums."""
     atomic_write_bytes(path, data)
-    rec = {"sha256": sha256_file(path), "bytes": len(data), "docs": docs, "tokens": tokens}
+    rec = {**file_record(path), "docs": docs, "tokens": tokens}
     rec.update({f"x_{k}": v for k, v in (extra or {}).items()})
     atomic_write_json(sidecar(path), rec)
     return rec
@@ -206,18 +212,15 @@ def sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def shard_problem(path: Path) -> str | None:
-    """Why ``path`` is not a valid finished shard (None when it is)."""
+def shard_problem(path: Path, full: bool = False) -> str | None:
+    """Why ``path`` is not a valid finished shard (None when it is); ``full`` re-hashes it
+    even when its size and mtime are the recorded ones."""
     sc = sidecar(path)
     if not path.exists():
         return f"{path}: missing"
     if not sc.exists():
         return f"{path}: no sidecar (unfinished)"
-    expected = read_json(sc)["sha256"]
-    actual = sha256_file(path)
-    if actual != expected:
-        return f"{path}: sha256 {actual} != expected {expected} (truncated or altered)"
-    return None
+    return record_problem(path, read_json(sc), full)
 
 
 def read_shard(path: Path, verify: bool = True) -> tuple[list[DocDist], dict[str, str]]:

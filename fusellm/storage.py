@@ -176,6 +176,32 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """What a written file must still be: sha256, size and modification time."""
+    st = os.stat(path)
+    return {"sha256": sha256_file(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def record_problem(path: str | os.PathLike, rec: dict[str, Any], full: bool = False) -> str | None:
+    """Why ``path`` no longer matches ``rec`` (see :func:`file_record`), or None.
+
+    Unless ``full``, a file with the recorded size and mtime is trusted without reading
+    it: a rerun of a finished 7B pipeline would otherwise re-hash hundreds of GB. Any
+    rewrite, truncation or copy without timestamps changes one of them and gets the full
+    sha256 comparison; silent bit rot is what ``fusellm verify`` (``full``) is for.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f"{path}: missing (expected sha256 {rec['sha256']})"
+    if not full and st.st_size == rec.get("bytes") and st.st_mtime_ns == rec.get("mtime_ns"):
+        return None
+    actual = sha256_file(path)
+    if actual != rec["sha256"]:
+        return f"{path}: sha256 {actual} != expected {rec['sha256']} (truncated or altered)"
+    return None
+
+
 def sha256_tree(path: str | os.PathLike) -> str:
     """Hash of a file, or of every file under a directory (relative names included)."""
     path = Path(path)

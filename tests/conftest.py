@@ -146,6 +146,12 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
     return d
 
 
+def shas(files: dict[str, dict]) -> dict[str, str]:
+    """A manifest's ``files`` as path → sha256 (sizes/mtimes left out: a recomputed file
+    has a new mtime)."""
+    return {k: v["sha256"] for k, v in files.items()}
+
+
 def write_recipe(path: Path, body: str) -> Path:
     path.write_text(body, encoding="utf-8")
     return path

@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 from align import canonicalize, vocab_map
 from fusellm.align.core import align_doc, byte_lengths, vocab_strings
 from fusellm.extract.runner import STAGE as EXTRACT
-from fusellm.manifest import load_manifest
+from fusellm.manifest import load_manifest, outputs_hash
 from fusellm.models import load_tokenizer
-from fusellm.recipe import Recipe, config_hash
+from fusellm.recipe import Recipe
 from fusellm.sharded import Rank, finish_if_complete, pending_shards, prepare_dir, sidecar_records
 from fusellm.shards import encode_shard, read_metadata, read_shard, shard_name, write_shard
 from fusellm.tracking import start_run
@@ -64,8 +64,8 @@ def _run_source(recipe, cfg, src, t_man, rank, force) -> dict | None:
     k_out = cfg.top_k or recipe.extract.top_k
     fingerprint = {
         "config": cfg.model_dump(mode="json") | {"top_k": k_out},
-        "source": config_hash(s_man["files"]),
-        "target": config_hash(t_man["files"]),
+        "source": outputs_hash(s_man),
+        "target": outputs_hash(t_man),
     }
     path = recipe.stage_dir(STAGE) / src
     label = f"align[{src}]"

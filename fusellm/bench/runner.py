@@ -40,7 +40,7 @@ from fusellm.models import (
     tokenizer_fingerprint,
 )
 from fusellm.recipe import ModelSpec, Recipe, config_hash
-from fusellm.refs import resolve
+from fusellm.refs import output_dir, resolve
 from fusellm.storage import atomic_write_bytes, atomic_write_json, read_json
 from fusellm.tracking import start_run
 
@@ -73,7 +73,11 @@ def resolve_models(recipe: Recipe, cfg: BenchConfig) -> list[BenchModel]:
         for name, spec in one(entry, where):
             ident = locate(spec, name).identity
             label = "target" if entry == "target" else name
-            out.setdefault(ident, BenchModel(label, [(name, spec)], ident))
+            # A model listed twice (``target`` and its name) is scored once; two pipeline
+            # outputs that happen to be byte-identical (a no-op training run) both stay:
+            # that they score the same is the finding.
+            key = label if output_dir(recipe, entry) is not None else ident
+            out.setdefault(key, BenchModel(label, [(name, spec)], ident))
     return list(out.values())
 
 

@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from fusellm.align.runner import STAGE as ALIGN
 from fusellm.extract.runner import STAGE as EXTRACT
 from fusellm.fuse.core import Candidate, FuseParams, fuse
-from fusellm.manifest import load_manifest
-from fusellm.recipe import Recipe, config_hash
+from fusellm.manifest import load_manifest, outputs_hash
+from fusellm.recipe import Recipe
 from fusellm.sharded import Rank, finish_if_complete, pending_shards, prepare_dir, sidecar_records
 from fusellm.shards import DocDist, encode_shard, read_shard, shard_name, write_shard
 from fusellm.tracking import start_run
@@ -67,8 +67,8 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
     params = FuseParams(cfg.level, cfg.temperature, k_out)
     fingerprint = {
         "config": cfg.model_dump(mode="json") | {"sources": sources, "top_k": k_out},
-        "inputs": {s: config_hash(man["files"]) for s, (_, man) in inputs.items()},
-        "target": config_hash(t_man["files"]),
+        "inputs": {s: outputs_hash(man) for s, (_, man) in inputs.items()},
+        "target": outputs_hash(t_man),
     }
     path = recipe.stage_dir(STAGE)
     prepare_dir(path, fingerprint, force, rank, STAGE)

@@ -325,6 +325,9 @@ def run_evolve(recipe: Recipe, force: bool = False) -> dict | None:
             state_path,
             on_generation,
         )
+        # Also after a resume that only replayed finished generations (the last CSV write
+        # may be what a kill interrupted).
+        atomic_write_bytes(csv_path, _csv(st.history, genome).encode())
         w, d = genome.decode(st.best_x)
         inp.save(merged_at(st.best_x), sd.path / "model", torch.float32)
         params = {m: {"weight": w[m], **({"density": d[m]} if d else {})} for m in cfg.models}

@@ -106,6 +106,9 @@ def fusion_loss_sums(
         tail_ent = -torch.where(r > 0, r * torch.log(r.clamp(min=1e-30)), 0.0)
     else:
         raise ValueError(f"unknown tail handling '{tail}' (renormalize, bucket)")
+    # Unused rows (padding, unaligned positions) out of the product: 0 · NaN in a row the
+    # loss drops would still be NaN in the gradient.
+    p = torch.where(use[..., None], p, 0.0)
     ce = -(p * torch.where(live, logq, 0.0)).sum(-1) + tail_term  # [B, T]
     if kind == "kl":
         ent = -(p * torch.where(p > 0, torch.log(p.clamp(min=1e-30)), 0.0)).sum(-1) + tail_ent

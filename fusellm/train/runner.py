@@ -15,9 +15,16 @@ import time
 from pathlib import Path
 
 from fusellm.fuse.runner import STAGE as FUSE
-from fusellm.manifest import CorruptArtifact, StageDir, load_manifest
-from fusellm.models import check_positions, load_model, load_tokenizer, locate, max_positions
-from fusellm.recipe import Recipe, config_hash
+from fusellm.manifest import CorruptArtifact, StageDir, load_manifest, outputs_hash
+from fusellm.models import (
+    check_positions,
+    load_model,
+    load_tokenizer,
+    locate,
+    max_positions,
+    spec_max_positions,
+)
+from fusellm.recipe import Recipe
 from fusellm.sharded import shard_paths
 from fusellm.storage import write_failure_names
 from fusellm.tracking import start_run, wandb_env
@@ -68,7 +75,7 @@ def _run(recipe: Recipe, force: bool, stage: str, overrides: dict) -> dict | Non
     config = {**recipe.train, **overrides}
     fingerprint = {
         "config": config,
-        "fused": config_hash(fuse_man["files"]),
+        "fused": outputs_hash(fuse_man),
         "model": locate(spec, recipe.target).identity,
     }
     sd = StageDir(stage, recipe.stage_dir(stage), fingerprint)
@@ -81,7 +88,12 @@ def _run(recipe: Recipe, force: bool, stage: str, overrides: dict) -> dict | Non
         # delete each other's temporary files).
         log.info("%s: %d process(es), device %s", stage, args.world_size, args.device)
         # Checkpoints are partial work that a rerun resumes: keep them unless inputs changed.
-        if not _on_rank0(lambda: sd.prepare(force), args.process_index == 0):
+        ckpts = sd.path / "checkpoints"
+        todo = _on_rank0(
+            lambda: sd.prepare(force, can_regenerate=lambda old: _cannot_resave(old, ckpts)),
+            args.process_index == 0,
+        )
+        if not todo:
             log.info("%s: complete and unchanged at %s (skipped)", stage, sd.path)
             _teardown()
             return None
@@ -90,6 +102,8 @@ def _run(recipe: Recipe, force: bool, stage: str, overrides: dict) -> dict | Non
         ) as tracker:
             paths = shard_paths(fuse_dir, fuse_man, split, FUSE)
             stats, out_dir = _train(recipe, args, sd, paths)
+            if sd.previous is not None:  # only re-saved from the final checkpoint
+                stats = {**sd.previous["stats"], "resaved_from_checkpoint": True}
             tracker.summary(stats)
         # Not on failure: a barrier there would wait for ranks stuck elsewhere; the
         # launcher stops them when this process exits non-zero.
@@ -131,10 +145,15 @@ def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="gloo" if args.device.type == "cpu" else "nccl")
     tok = load_tokenizer(spec, recipe.target)
-    model = load_model(spec, recipe.target, "cpu").train()
     # GPT-2/MPT position tables fail inside the first forward beyond their maximum; rotary
-    # models run on silently where they were never trained. Refuse before any step.
-    check_positions(recipe.target, max_positions(model.config), args.block_size, "train.block_size")
+    # models run on silently where they were never trained. Refuse before loading weights.
+    limit = spec_max_positions(spec, recipe.target)
+    check_positions(recipe.target, limit, args.block_size, "train.block_size")
+    model = load_model(spec, recipe.target, "cpu").train()
+    if limit is None:  # config was not at hand without loading (GGUF, hub)
+        check_positions(
+            recipe.target, max_positions(model.config), args.block_size, "train.block_size"
+        )
     if args.gradient_checkpointing:
         model.config.use_cache = False
     t0 = time.time()
@@ -151,7 +170,7 @@ def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except pickle.UnpicklingError as e:  # weights_only loading refused a file
         raise CorruptArtifact(
-            f"train: {resume} holds a file that is not a safe checkpoint (a pickle that "
+            f"train: {resume or 'the model'} holds a file that is not a safe checkpoint (a pickle that "
             f"would run code?); refused without loading it: {str(e).splitlines()[0]}"
         ) from e
     out_dir = sd.path / "model"
@@ -175,18 +194,41 @@ def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]
     return stats, out_dir
 
 
+def _cannot_resave(old_manifest: dict, ckpts: Path) -> str | None:
+    """A finished run's damaged model is re-saved from its final checkpoint; without an
+    intact one at the final step, regenerating would mean training again (days at 7B):
+    that needs --force, not a rerun."""
+    from fusellm.train.trainer import latest_complete_checkpoint
+
+    final = old_manifest["stats"]["global_steps"]
+    ck = latest_complete_checkpoint(ckpts)
+    if ck is None or int(ck.name.split("-")[1]) != final:
+        return f"train: no intact checkpoint at the final step {final} to re-save the model from"
+    return None
+
+
 def _resume_point(ckpts: Path) -> Path | None:
-    """The newest intact checkpoint; later ones (killed mid-save or damaged) are removed so
-    that the Trainer writes them afresh and never rotates a good one out in their favour."""
+    """The newest intact checkpoint. Later ones are moved out of the Trainer's way (it
+    would write into them, and could rotate a good one out in their favour): one killed
+    mid-save is deleted, a damaged one is kept aside as ``damaged-checkpoint-N``."""
     import shutil
 
-    from fusellm.train.trainer import latest_complete_checkpoint
+    from fusellm.train.trainer import COMPLETE, checkpoints, latest_complete_checkpoint
 
     resume = latest_complete_checkpoint(ckpts)
     step = int(resume.name.split("-")[1]) if resume else 0
-    for p in ckpts.glob("checkpoint-*"):
-        if int(p.name.split("-")[1]) > step:
-            log.warning("train: removing %s (incomplete or damaged)", p)
+    for n, p in checkpoints(ckpts).items():
+        if n <= step:
+            continue
+        if (p / COMPLETE).exists():
+            aside = p.with_name(f"damaged-{p.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            p.rename(aside)
+            # no longer a record `fusellm verify` checks: the damage is already known
+            (aside / COMPLETE).rename(aside / f"{COMPLETE}.damaged")
+            log.warning("train: moved damaged %s aside to %s", p.name, aside)
+        else:
+            log.warning("train: removing %s (incomplete: killed while saving)", p)
             shutil.rmtree(p)
     if resume:
         log.info("train: resuming from %s", resume)

@@ -39,13 +39,16 @@ def _safe_load(self, path: str, map_location=None):
 
 def install() -> None:
     """Make DeepSpeed's checkpoint engines load with ``weights_only=True`` (idempotent)."""
-    from deepspeed.runtime.checkpoint_engine.decoupled_checkpoint_engine import (
-        DecoupledCheckpointEngine,
-    )
-    from deepspeed.runtime.checkpoint_engine.fast_checkpoint_engine import FastCheckpointEngine
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
-        TorchCheckpointEngine,
-    )
+    import importlib
 
-    for cls in (TorchCheckpointEngine, FastCheckpointEngine, DecoupledCheckpointEngine):
-        cls.load = _safe_load
+    engines = [
+        ("torch_checkpoint_engine", "TorchCheckpointEngine"),
+        ("fast_checkpoint_engine", "FastCheckpointEngine"),
+        ("decoupled_checkpoint_engine", "DecoupledCheckpointEngine"),
+    ]
+    for module, name in engines:
+        try:  # older DeepSpeed releases lack the fast/decoupled engines
+            mod = importlib.import_module(f"deepspeed.runtime.checkpoint_engine.{module}")
+        except ImportError:
+            continue
+        getattr(mod, name).load = _safe_load

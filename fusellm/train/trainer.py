@@ -9,6 +9,7 @@ it. A callback stops training on a non-finite gradient before the optimizer step
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from fusellm.manifest import CHECKPOINT_COMPLETE, verify_files
-from fusellm.storage import atomic_write_json, sha256_file, write_failure_names
+from fusellm.storage import atomic_write_json, file_record, write_failure_names
 from fusellm.train.loss import fusion_loss_sums
 
 log = logging.getLogger(__name__)
@@ -114,25 +115,37 @@ class NonFiniteGradStop(TrainerCallback):
 
 class CompletionMarker(TrainerCallback):
     """Write a marker into each checkpoint after the Trainer has fully saved it, with the
-    sha256 of every file in it: a checkpoint without the marker (killed mid-save) or with a
-    file that no longer matches is never resumed from."""
+    sha256, size and mtime of every file in it: a checkpoint without the marker (killed
+    mid-save) or with a file that no longer matches is never resumed from.
+
+    A 7B ZeRO checkpoint is ~100 GB: every rank hashes a share of the files (after a
+    barrier: each rank writes its own optimizer partition) and rank 0 writes the marker.
+    Assumes a filesystem all ranks share, as resuming ZeRO checkpoints does; DeepSpeed's
+    asynchronous checkpoint engines (files still being written after save returns) are not
+    supported.
+    """
 
     def on_save(self, args, state, control, **kwargs):
         import torch.distributed as dist
 
-        # With ZeRO every rank writes its own optimizer partition: hash after all have.
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir() and args.process_index == 0:
-            files = {
-                p.relative_to(ckpt).as_posix(): {
-                    "sha256": sha256_file(p),
-                    "bytes": p.stat().st_size,
-                }
-                for p in sorted(ckpt.rglob("*"))
-                if p.is_file() and p.name != COMPLETE
-            }
+        multi = dist.is_available() and dist.is_initialized()
+        if multi:
+            dist.barrier()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if multi else (0, 1)
+        names = sorted(
+            p.relative_to(ckpt).as_posix()
+            for p in ckpt.rglob("*")
+            if p.is_file() and p.name != COMPLETE
+        )
+        mine = {n: file_record(ckpt / n) for i, n in enumerate(names) if i % world == rank}
+        shares = [None] * world
+        if multi:
+            dist.all_gather_object(shares, mine)
+        else:
+            shares = [mine]
+        if rank == 0:
+            files = {k: v for share in shares for k, v in share.items()}
             atomic_write_json(ckpt / COMPLETE, {"global_step": state.global_step, "files": files})
 
 
@@ -141,11 +154,21 @@ def checkpoint_problems(ckpt: Path) -> list[tuple[str, Path]]:
     return verify_files(ckpt, COMPLETE)
 
 
+def checkpoints(output_dir: Path) -> dict[int, Path]:
+    """The Trainer's ``checkpoint-<step>`` directories by step."""
+    return {
+        int(m.group(1)): p
+        for p in Path(output_dir).glob("checkpoint-*")
+        if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()
+    }
+
+
 def latest_complete_checkpoint(output_dir: Path) -> Path | None:
     """The newest checkpoint that is complete and intact; damaged ones are reported (path,
     expected and actual sha256) and skipped, so training resumes from an earlier one."""
-    done = [p for p in Path(output_dir).glob("checkpoint-*") if (p / COMPLETE).exists()]
-    for ckpt in sorted(done, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+    for _, ckpt in sorted(checkpoints(output_dir).items(), reverse=True):
+        if not (ckpt / COMPLETE).exists():
+            continue
         bad = checkpoint_problems(ckpt)
         if not bad:
             return ckpt

@@ -39,12 +39,29 @@ IN_PLACE = ("train/checkpoints/checkpoint-", "train/model/", "wandb/")
 LOGS = ("metrics.jsonl",)
 
 
+def _native(real):
+    def save(obj, f, *a, **k):
+        if _events is not None and isinstance(f, (str, os.PathLike)):
+            _events.append(("write", os.fspath(f)))
+        return real(obj, f, *a, **k)
+
+    return save
+
+
 @pytest.fixture()
-def writes(tmp_path, tiny_models):
+def writes(tmp_path, tiny_models, monkeypatch):
     global _events
+    import safetensors.torch
+    import torch
+    import transformers.modeling_utils
+
     if not getattr(sys, "_fusellm_audit", False):  # audit hooks cannot be removed
         sys.addaudithook(_hook)
         sys._fusellm_audit = True
+    monkeypatch.setattr(torch, "save", _native(torch.save))
+    st_save = _native(safetensors.torch.save_file)
+    monkeypatch.setattr(safetensors.torch, "save_file", st_save)
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", st_save)
     recipe = make_recipe(tmp_path, tiny_models)
     _events = []
     try:
@@ -59,6 +76,8 @@ def test_every_artifact_is_renamed_into_place_and_the_manifest_comes_last(writes
     root = str(run) + "/"
     ours = [(kind, p[len(root) :]) for kind, p in events if p.startswith(root)]
     assert any(kind == "rename" for kind, _ in ours)
+    assert any(p.endswith("model.safetensors") for _, p in ours)  # native writes are seen
+    assert any(p.endswith("optimizer.pt") for _, p in ours)
     direct = sorted(
         {
             p

@@ -36,6 +36,7 @@ DAMAGE = [
     ("fuse/train/shard-00000", "fuse/train/shard-00000.safetensors", delete),
     ("train/model/", "train/model/model.safetensors", truncate),
     ("evolve/", "evolve/model/model.safetensors", alter),
+    ("evolve/", "evolve/generations.csv", delete),
     ("bench/", "bench/cache/fused-", alter),
 ]
 
@@ -77,7 +78,7 @@ def test_damaged_artifacts_are_listed_then_only_they_are_regenerated(
         if how == "delete":
             assert line == f"{run / rel}: missing (expected sha256 {sha})"
         else:
-            assert line.endswith(f"!= expected {sha}") and "sha256 " in line
+            assert f"!= expected {sha}" in line and "sha256 " in line
 
     with caplog.at_level("WARNING"):
         assert main(["run", str(recipe), f"run_dir={run}"]) == 0
@@ -85,6 +86,10 @@ def test_damaged_artifacts_are_listed_then_only_they_are_regenerated(
         assert str(run / rel) in caplog.text, rel
     assert same_outputs(run, ref, {str(ref): str(run)})
     assert main(["verify", str(run)]) == 0
+    # the train stage re-saved its model from the final checkpoint and kept its stats
+    stats = json.loads((run / "train/manifest.json").read_text())["stats"]
+    ref_stats = json.loads((ref / "train/manifest.json").read_text())["stats"]
+    assert stats == {**ref_stats, "resaved_from_checkpoint": True}
     units = [u for u, _, _ in DAMAGE]
     bookkeeping = {"manifest.json", "fingerprint.json", "metrics.jsonl"}
     after = stamps(run)
@@ -130,6 +135,27 @@ def test_damaged_checkpoint_is_skipped_for_an_earlier_one_and_rewritten(
     # and training_args.bin the output path
     new = json.loads((last / CHECKPOINT_COMPLETE).read_text())["files"]
     tensors = ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"]
-    assert {f: new[f] for f in tensors} == {f: marker["files"][f] for f in tensors}
+    sha = {f: new[f]["sha256"] for f in tensors}
+    assert sha == {f: marker["files"][f]["sha256"] for f in tensors}
     assert same_outputs(run / "train", ref / "train", {str(ref): str(run)})
     assert main(["verify", str(run)]) == 0
+
+
+def test_a_damaged_model_without_its_final_checkpoint_is_not_silently_retrained(
+    reference, tmp_path, capsys
+):
+    """Re-saving needs the checkpoint at the final step; anything else would retrain
+    (days at 7B): refused, naming the file, and nothing is deleted."""
+    recipe, ref, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    shutil.rmtree(run / "train/checkpoints/checkpoint-6")
+    bad = run / "train/model/model.safetensors"
+    truncate(bad)
+    before = stamps(run)
+    capsys.readouterr()
+    assert main(["train", str(recipe), f"run_dir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: sha256 " in err and "no intact checkpoint at the final step 6" in err
+    assert "--force" in err
+    assert stamps(run) == before

@@ -76,7 +76,10 @@ def test_sigkill_at_a_random_write_then_rerun_equals_an_uninterrupted_run(
     # finished work that lives inside a file: generations of the search, training steps
     search = run / stage / "search.json"
     gens = len(json.loads(search.read_text())["generations"]) if search.exists() else 0
-    ckpts = sorted(run.glob("train/checkpoints/checkpoint-*/fusellm-complete.json"))
+    ckpts = sorted(
+        run.glob("train/checkpoints/checkpoint-*/fusellm-complete.json"),
+        key=lambda m: int(m.parent.name.split("-")[1]),
+    )
     with caplog.at_level("INFO"):
         assert main(args) == 0
     if gens:
