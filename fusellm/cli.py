@@ -170,13 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         StageInputsChanged,
         CorruptArtifact,
         ValueError,
-        FileNotFoundError,
-        TimeoutError,
+        OSError,  # missing input, disk full, permissions: the message names the path
         FloatingPointError,  # train: a NaN/Inf loss or gradient, step and batch named
     ) as e:
-        print(f"fusellm: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # disk full, permissions: the message names the path
         print(f"fusellm: error: {e}", file=sys.stderr)
         return 2
 

@@ -8,9 +8,10 @@ Layout of ``run_dir/<stage>/``::
                        package versions, and ``"complete": true``
 
 A stage whose manifest is complete, whose fingerprint equals the current one and whose
-recorded files still have their sha256 is skipped; a complete stage with a missing or
-altered file is reported (path, expected and actual sha256) and regenerated. A stage whose recorded fingerprint differs refuses to run, naming the first
-differing field, unless forced (then its directory is cleared first).
+recorded files still match their records is skipped; a complete stage with a missing or
+altered file is reported (path, expected and actual sha256) and regenerated. A stage
+whose recorded fingerprint differs refuses to run, naming the first differing field,
+unless forced (then its directory is cleared first).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,14 +46,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}{TMP_MARK}{_HOST}-{os.getpid()}")
     try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        _unlink(tmp)
-        raise WriteFailed(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+        with write_failure_names(path):
+            with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         _unlink(tmp)
         raise
@@ -86,8 +85,6 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     an earlier complete directory stays until the new one is whole. Write failures are
     raised as ``OSError`` naming ``path``. Single-writer only (the temp name has the pid).
     """
-    import shutil
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}{TMP_MARK}{_HOST}-{os.getpid()}")
@@ -160,8 +157,6 @@ def remove_temp_files(directory: str | os.PathLike) -> list[Path]:
     gone = [p for p in directory.rglob(f"*{TMP_MARK}*") if _writer_dead(p)]
     for p in gone:
         if p.is_dir():
-            import shutil
-
             shutil.rmtree(p, ignore_errors=True)
         else:
             _unlink(p)

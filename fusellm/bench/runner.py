@@ -165,7 +165,6 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
         BenchConfig.model_validate(recipe.bench) if isinstance(recipe.bench, dict) else recipe.bench
     )
     out_dir = recipe.stage_dir(STAGE)
-    cache_dir = out_dir / "cache"
     models = resolve_models(recipe, cfg)
     tasks = load_tasks(recipe, cfg)
     t0 = time.time()
@@ -187,6 +186,13 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
         for bm in models
         for t in tasks
     }
+    # one cached score file per model and task (relative to out_dir, as the manifest lists it)
+    cache = {
+        (bm.label, t.name): f"cache/{_slug(bm.label)}-{config_hash(bm.identity)[:12]}/"
+        f"{_slug(t.name)}.json"
+        for bm in models
+        for t in tasks
+    }
     config = {"bench": cfg.model_dump(mode="json"), "models": {m.label: m.identity for m in models}}
     sd = StageDir(STAGE, out_dir, {**config, "scores": config_hash(sorted(keys.values()))})
     # A changed model list or task set is not refused: the cache is keyed per model and
@@ -196,14 +202,11 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
         return read_json(out_dir / "results.json")
     records: dict[tuple[str, str], dict] = {}
     tok_ids: dict[str, str] = {}
-    cache_files: list[Path] = []
     with start_run(recipe, STAGE, config) as tracker:
         for bm in models:
-            mdir = cache_dir / f"{_slug(bm.label)}-{config_hash(bm.identity)[:12]}"
             todo = []
             for t in tasks:
-                p = mdir / f"{_slug(t.name)}.json"
-                cache_files.append(p)
+                p = out_dir / cache[(bm.label, t.name)]
                 rec = read_json(p) if p.is_file() else {}
                 if rec.get("key") == keys[(bm.label, t.name)]:
                     records[(bm.label, t.name)] = rec["scores"]
@@ -223,14 +226,14 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
                 )
             tok_ids[bm.label] = fps.pop()
             lpm = LogProbModel(
-                [load_model(spec, name, best_device()) for name, spec in bm.members],
+                [load_model(spec, name, device) for name, spec in bm.members],
                 [name for name, _ in bm.members],
             )
             for t in todo:
                 s0 = time.time()
                 scores = score_task(lpm, toks[0], t, cfg, f"bench {bm.label} {t.name}")
                 atomic_write_json(
-                    mdir / f"{_slug(t.name)}.json",
+                    out_dir / cache[(bm.label, t.name)],
                     {
                         "key": keys[(bm.label, t.name)],
                         "tokenizer": tok_ids[bm.label],
@@ -271,7 +274,7 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
         time.time() - t0,
         out_dir / "results.md",
     )
-    rels = [p.relative_to(out_dir).as_posix() for p in cache_files] + RESULTS
+    rels = [*cache.values(), *RESULTS]
     sd.finish({r: sd.file_record(r) for r in rels}, {"models": labels, "tasks": len(tasks)}, config)
     return {"rows": rows, "models": labels}
 

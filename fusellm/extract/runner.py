@@ -15,8 +15,9 @@ shard's forward pass, a document longer than the model's maximum positions, or a
 beyond the model's embedding rows (a tokenizer larger than the model), stops with a
 :class:`~fusellm.models.ModelInputError` naming the model, the document and the token or
 limit. The pad token plays no part: batches are right-padded with id 0, every padded
-position is masked and dropped before the output head, so nothing stored depends on it. Padded embedding rows are part of the stored
-distribution (top-k and log-softmax over all rows).
+position is masked and dropped before the output head, so nothing stored depends on it.
+Padded embedding rows are part of the stored distribution (top-k and log-softmax over
+all rows).
 """
 
 from __future__ import annotations

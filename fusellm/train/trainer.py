@@ -139,11 +139,10 @@ class CompletionMarker(TrainerCallback):
             if p.is_file() and p.name != COMPLETE
         )
         mine = {n: file_record(ckpt / n) for i, n in enumerate(names) if i % world == rank}
-        shares = [None] * world
+        shares = [mine]
         if multi:
+            shares = [None] * world
             dist.all_gather_object(shares, mine)
-        else:
-            shares = [mine]
         if rank == 0:
             files = {k: v for share in shares for k, v in share.items()}
             atomic_write_json(ckpt / COMPLETE, {"global_step": state.global_step, "files": files})

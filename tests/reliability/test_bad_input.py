@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TEXT, shas, write_recipe
+from conftest import TEXT, _tiny_model, shas, write_recipe
 
 from fusellm.cli import main
 from fusellm.corpus import runner as corpus_runner
@@ -388,18 +388,8 @@ def test_padded_embedding_rows_are_stored_with_exact_logprobs_and_never_aligned(
 def test_tokenizer_larger_than_its_model_is_an_error_naming_model_and_token(tmp_path, tiny_models):
     """A token id beyond the model's embedding rows stops extraction before the forward
     pass, naming the model, the token and its id (not an index error inside the model)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     small = tmp_path / "small"
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=128,
-    )
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(small)
+    _tiny_model("llama", 64).save_pretrained(small)  # 64 rows, fewer than the tokenizer's
     for f in tiny_models["llama_bpe"].glob("*token*"):
         shutil.copy2(f, small / f.name)
     recipe = pipeline_recipe(tmp_path, small, "small")

@@ -33,7 +33,7 @@ from pipeline import copy_upstream, make_recipe
 
 from fusellm.cli import main
 from fusellm.recipe import ModelSpec, RecipeError, load_recipe
-from fusellm.storage import sha256_file
+from fusellm.storage import file_record
 
 SECRET_VARS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
@@ -316,14 +316,14 @@ def test_a_zero2_run_resumes_through_the_safe_loader(pipeline, tmp_path):
 
 
 def _rehash_marker(ck: Path, rel: str) -> None:
-    """Record ``rel``'s current sha256/size in the checkpoint's completion marker (when the
+    """Record ``rel``'s current sha256/size/mtime in the checkpoint's completion marker (when the
     marker records hashes), so the resume reaches the unpickling layer."""
     from fusellm.train.trainer import COMPLETE
 
     marker = json.loads((ck / COMPLETE).read_text())
     rec = marker.get("files", {}).get(rel)
     if isinstance(rec, dict):
-        rec.update(sha256=sha256_file(ck / rel), bytes=(ck / rel).stat().st_size)
+        rec.update(file_record(ck / rel))
         (ck / COMPLETE).write_text(json.dumps(marker))
 
 
