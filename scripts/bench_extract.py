@@ -95,11 +95,14 @@ def time_it(fn) -> float:
 def peak_rss(recipe: Path, run_dir: Path, n_docs: int) -> tuple[float, float]:
     """Peak RSS (MB) of a real `fusellm run --stages corpus,extract` in a child process,
     and the MB of shards it wrote."""
+    # VmHWM, not getrusage's ru_maxrss: the latter survives fork + exec, so the child would
+    # report this (model-holding) parent's RSS at the fork instead of its own peak.
     code = (
-        "import resource, sys\n"
+        "import sys\n"
         "from fusellm.cli import main\n"
         "rc = main(sys.argv[1:])\n"
-        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        "hwm = [x for x in open('/proc/self/status') if x.startswith('VmHWM:')][0]\n"
+        "print('PEAK', int(hwm.split()[1]) / 1024)\n"
         "sys.exit(rc)\n"
     )
     args = [
