@@ -357,8 +357,29 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(vocab.encode()).hexdigest()
 
 
+ENCODING = "split-special-tokens/1"
+"""How :func:`encode` encodes (recorded in fingerprints: stored tokens depend on it)."""
+
+
+def encode(
+    tok: PreTrainedTokenizerBase,
+    texts: list[str],
+    add_special_tokens: bool = False,
+    offsets: bool = False,
+):
+    """Encode ``texts`` as every stage does (a ``BatchEncoding``: ``input_ids``, and
+    ``offset_mapping`` with ``offsets``): the literal text of a special token inside a
+    document (``</s>``, ``<|endoftext|>``) stays text and never becomes that special
+    mid-document; the specials the tokenizer adds around a text (BOS/EOS) are its own."""
+    return tok(
+        list(texts),
+        add_special_tokens=add_special_tokens,
+        split_special_tokens=True,
+        return_offsets_mapping=offsets,
+    )
+
+
 def special_token_overhead(tok: PreTrainedTokenizerBase) -> int:
     """How many tokens ``tok`` adds around a sequence (BOS/EOS) when encoding."""
-    with_special = tok("a", add_special_tokens=True)["input_ids"]
-    without = tok("a", add_special_tokens=False)["input_ids"]
+    with_special, without = (encode(tok, ["a"], add)["input_ids"][0] for add in (True, False))
     return len(with_special) - len(without)

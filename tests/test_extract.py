@@ -273,3 +273,46 @@ def test_two_processes_write_the_same_shards(ext_recipe, tmp_path):
         ma = json.loads((one / "extract" / m / "manifest.json").read_text())
         mb = json.loads((two / "extract" / m / "manifest.json").read_text())
         assert shas(ma["files"]) == shas(mb["files"]) and mb["complete"]
+
+
+def test_literal_special_token_text_stays_text(tmp_path, tiny_models):
+    """A document that contains the literal text of a special token ('</s>', '<s>') is
+    encoded as that text: the special never appears mid-document, in extraction, in the
+    corpus stage's fit, or in bench scoring."""
+    from transformers import AutoTokenizer
+
+    from fusellm.bench.score import document_units
+
+    text = "Before </s> the end <s> and <pad> or <unk> appear as plain text."
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "\n".join(json.dumps({"id": f"d{i}", "text": text * (1 + i % 2)}) for i in range(6)) + "\n"
+    )
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"""
+name: literal
+run_dir: {tmp_path / "run"}
+models:
+  m: {{path: {tiny_models["llama_bpe"]}}}
+target: m
+sources: [m]
+tracking: {{backend: none}}
+corpus:
+  inputs: [{{path: {data}, id_field: id}}]
+  valid_fraction: 0.0
+  test_fraction: 0.0
+  block_size: 128
+extract: {{top_k: 4}}
+"""
+    )
+    assert main(["run", str(recipe), "--stages", "corpus,extract"]) == 0
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama_bpe"])
+    special = set(tok.all_special_ids)
+    docs = list(iter_docs(sorted((tmp_path / "run/extract/m/train").glob("shard-*.safetensors"))))
+    assert len(docs) == 6
+    for d in docs:
+        assert not special & set(d.input_ids.tolist()), tok.convert_ids_to_tokens(d.input_ids)
+        assert tok.decode(d.input_ids) in (text, text * 2)
+    for u in document_units(tok, text, 64):
+        assert not special & set(u.ids[1:])  # only the prefix token is special

@@ -30,7 +30,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fusellm.models import ModelInputError, check_positions, max_positions, model_vocab_size
+from fusellm.models import (
+    ModelInputError,
+    check_positions,
+    encode,
+    max_positions,
+    model_vocab_size,
+)
 
 
 @dataclass
@@ -51,17 +57,21 @@ def prefix_id(tok) -> int:
     return int(pid)
 
 
+def _ids(tok, text: str) -> list[int]:
+    return encode(tok, [text])["input_ids"][0]
+
+
 def request_unit(tok, context: str, continuation: str, max_length: int) -> Unit:
     """lm-eval's split: continuation tokens are those after the context's tokens."""
     n_sp = len(context) - len(context.rstrip(" "))
     if n_sp:
         context, continuation = context[:-n_sp], context[-n_sp:] + continuation
-    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
-    ctx = tok(context, add_special_tokens=False)["input_ids"] if context else []
+    whole = _ids(tok, context + continuation)
+    ctx = _ids(tok, context) if context else []
     if whole[: len(ctx)] == ctx:
         cont = whole[len(ctx) :]
     else:  # a token merged across the boundary: keep the two tokenizations apart
-        cont = tok(continuation, add_special_tokens=False)["input_ids"]
+        cont = _ids(tok, continuation)
         whole = ctx + cont
     if not cont:
         raise ValueError(f"empty continuation {continuation!r} after tokenization")
@@ -73,7 +83,7 @@ def request_unit(tok, context: str, continuation: str, max_length: int) -> Unit:
 
 def document_units(tok, text: str, max_length: int) -> list[Unit]:
     """Disjoint windows covering every token of ``text`` (each scored exactly once)."""
-    full = [prefix_id(tok), *tok(text, add_special_tokens=False)["input_ids"]]
+    full = [prefix_id(tok), *_ids(tok, text)]
     w = max_length - 1
     return [Unit(full[s - 1 : s + w], len(full[s : s + w])) for s in range(1, len(full), w)]
 

@@ -30,7 +30,9 @@ from fusellm.corpus.core import SPLITS, Fitter, cut_spans, split_of
 from fusellm.corpus.readers import CorpusInputError, Problems, input_files, read_input
 from fusellm.manifest import StageDir
 from fusellm.models import (
+    ENCODING,
     check_positions,
+    encode,
     load_tokenizer,
     spec_max_positions,
     special_token_overhead,
@@ -62,7 +64,7 @@ def _input_identity(recipe: Recipe) -> dict[str, str]:
 
 def _fitter(name: str, tok) -> Fitter:
     def spans(text: str):
-        return tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return encode(tok, [text], offsets=True)["offset_mapping"][0]
 
     return Fitter(name, spans, special_token_overhead(tok))
 
@@ -81,6 +83,7 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
         "config": cfg.model_dump(mode="json"),
         "inputs": _input_identity(recipe),
         "tokenizers": {n: tokenizer_fingerprint(t) for n, t in toks.items()},
+        "encoding": ENCODING,
     }
     sd = StageDir(STAGE, recipe.stage_dir(STAGE), fingerprint)
     if not sd.prepare(force):

@@ -39,8 +39,10 @@ from fusellm.extract.config import CONTENT_FIELDS, ExtractConfig
 from fusellm.extract.core import TopKScorer, pad_batch, plan_batches
 from fusellm.manifest import load_manifest
 from fusellm.models import (
+    ENCODING,
     ModelInputError,
     check_positions,
+    encode,
     load_model,
     load_tokenizer,
     locate,
@@ -76,11 +78,26 @@ def _device(cfg: ExtractConfig, rank: Rank) -> str:
     return f"cuda:{rank.local}" if torch.cuda.is_available() else "cpu"
 
 
-def _read_docs(path: Path) -> Iterator[tuple[str, str]]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            rec = json.loads(line)
-            yield rec["id"], rec["text"]
+def shard_documents(
+    corpus_dir: Path, split: str, docs_per_shard: int, shards
+) -> Iterator[tuple[int, list[tuple[str, str]]]]:
+    """``(shard, [(doc id, text), ...])`` for each of ``shards`` in one pass over the
+    split file: shard ``i`` holds documents ``[i·n, (i+1)·n)``; documents of other shards
+    are skipped without being kept."""
+    wanted = set(shards)
+    docs: list[tuple[str, str]] = []
+    shard = 0
+    with open(corpus_dir / split_file(split), encoding="utf-8") as f:
+        for j, line in enumerate(f):
+            if j // docs_per_shard != shard:
+                if docs:
+                    yield shard, docs
+                docs, shard = [], j // docs_per_shard
+            if shard in wanted:
+                rec = json.loads(line)
+                docs.append((rec["id"], rec["text"]))
+    if docs:
+        yield shard, docs
 
 
 def extract_shard(
@@ -96,9 +113,7 @@ def extract_shard(
     Every document is checked against the model (length, token ids) before any forward
     pass of the shard, so bad input stops with a message instead of an index error.
     """
-    enc = tok(
-        [t for _, t in docs], add_special_tokens=cfg.add_special_tokens, return_offsets_mapping=True
-    )
+    enc = encode(tok, [t for _, t in docs], cfg.add_special_tokens, offsets=True)
     seqs = enc["input_ids"]
     for (doc_id, _), s in zip(docs, seqs, strict=True):
         check_positions(
@@ -175,6 +190,7 @@ def _run_model(recipe, cfg, name, corpus, corpus_dir, rank, force) -> dict | Non
         "model": locate(spec, name).identity,
         "dtype": spec.dtype,
         "tokenizer": tokenizer_fingerprint(tok),
+        "encoding": ENCODING,
     }
     path = model_dir(recipe, name)
     prepare_dir(path, fingerprint, force, rank, f"extract[{name}]")
@@ -229,19 +245,7 @@ def _compute(recipe, cfg, name, spec, tok, corpus_dir, todo, path, rank, fingerp
             )
 
         for split, shards in todo.items():
-            # One pass over the split file; documents of shards this rank does not own
-            # (or that are already done) are skipped without tokenizing them.
-            wanted = set(shards)
-            docs: list[tuple[str, str]] = []
-            shard = 0
-            for j, doc in enumerate(_read_docs(corpus_dir / split_file(split))):
-                if j // cfg.docs_per_shard != shard:
-                    if docs:
-                        emit(split, shard, docs)
-                    docs, shard = [], j // cfg.docs_per_shard
-                if shard in wanted:
-                    docs.append(doc)
-            if docs:
+            for shard, docs in shard_documents(corpus_dir, split, cfg.docs_per_shard, shards):
                 emit(split, shard, docs)
         tokens, bytes_ = stats["tokens"], stats["bytes"]
         secs = time.time() - t0 - load_s
