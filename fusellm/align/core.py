@@ -1,12 +1,32 @@
-"""Per-document alignment of one source onto the target (uses the ``align`` package)."""
+"""Per-document alignment of one source onto the target, and the tokenizer side of the
+vocabulary map (what a tokenizer emits for given bytes), over the ``align`` package."""
 
 from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from align import Alignment, align_dp, align_offsets, project
+from align import (
+    Alignment,
+    Spans,
+    Vocab,
+    align_dp,
+    align_spans,
+    byte_spans,
+    canonicalize,
+    project,
+)
+from align.vocab import ROLES, is_text
+from fusellm.fuse.core import cumulative_nll
+from fusellm.models import encode
 from fusellm.shards import DocDist
+
+# Texts put before a query so that it starts after a hard boundary (a line break), as a
+# token inside running text does; the second is for queries that merge with the first.
+_PREFIXES = ("\n", ".")
 
 
 def vocab_strings(tok, vocab_size: int) -> list[str | None]:
@@ -15,39 +35,105 @@ def vocab_strings(tok, vocab_size: int) -> list[str | None]:
     return [inv.get(i) for i in range(vocab_size)]
 
 
+def tokenizer_vocab(tok, vocab_size: int) -> Vocab:
+    """A tokenizer's :class:`~align.Vocab` over the model's ``vocab_size`` rows: specials
+    by role, added tokens as literal text, and for bytes several ids share, the id the
+    tokenizer emits for them."""
+    strings = vocab_strings(tok, vocab_size)
+    special = set(tok.all_special_ids)
+    added = {i for i, a in tok.added_tokens_decoder.items() if not a.special} - special
+    roles: dict[int, str] = {}
+    for role in reversed(ROLES):  # the first role wins for an id holding several
+        i = getattr(tok, f"{role}_token_id", None)
+        if isinstance(i, int) and 0 <= i < vocab_size:
+            roles[i] = role
+    canon = canonicalize(strings, special, added=added, roles=roles)
+    groups: dict[bytes, list[int]] = defaultdict(list)
+    for j, c in enumerate(canon):
+        if is_text(c):
+            groups[c].append(j)
+    shared = [c for c, js in groups.items() if len(js) > 1]
+    first = first_tokens(tok, canon, shared) if shared else []
+    emitted = {c: int(j) for c, j in zip(shared, first, strict=True) if j >= 0 and canon[j] == c}
+    return Vocab(strings, canon, emitted)
+
+
+def first_tokens(tok, canon: Sequence[bytes | None], queries: Sequence[bytes | None]) -> np.ndarray:
+    """int64 ``[len(queries)]``: the id ``tok`` emits first for each query's bytes inside
+    running text (-1 where that cannot be told).
+
+    A query is encoded after a prefix that ends at a hard boundary (``\\n``, else ``.``):
+    where the prefix's own tokens come out unchanged, the next token is the query's first.
+    It must stand for the start of the query's bytes (``canon``: the canonical bytes of
+    ``tok``'s ids), which rules out
+    normalised text, unknown tokens and tokens merged across the prefix. Bytes that are
+    not UTF-8 on their own (a piece of a character) cannot be encoded: -1.
+    """
+    out = np.full(len(queries), -1, dtype=np.int64)
+    texts: dict[int, str] = {}
+    for n, q in enumerate(queries):
+        if is_text(q):
+            try:
+                texts[n] = q.decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+    todo = list(texts)
+    for prefix in _PREFIXES:
+        if not todo:
+            break
+        head = encode(tok, [prefix])["input_ids"][0]
+        ids = encode(tok, [prefix + texts[n] for n in todo])["input_ids"]
+        left = []
+        for n, seq in zip(todo, ids, strict=True):
+            j = seq[len(head)] if len(seq) > len(head) and seq[: len(head)] == head else -1
+            c = canon[j] if 0 <= j < len(canon) else None
+            if is_text(c) and queries[n].startswith(c):
+                out[n] = j
+            else:
+                left.append(n)
+        todo = left
+    return out
+
+
 def align_doc(
     src: DocDist,
     tgt: DocDist,
+    text: str,
     id_map: np.ndarray,
+    src_vocab: Vocab,
+    tgt_vocab: Vocab,
     seq_method: str = "offsets",
     strict: bool = False,
     k_out: int | None = None,
-    src_strings: list[str] | None = None,
-    tgt_strings: list[str] | None = None,
-    src_nbytes: np.ndarray | None = None,
-    tgt_nbytes: np.ndarray | None = None,
-) -> tuple[DocDist, Alignment]:
+    gold_span_on: bool = True,
+) -> tuple[DocDist, Alignment, float]:
     """The source's distributions of one document on the target's positions and ids.
 
-    Both ``DocDist`` come from extraction over the same text. ``src_strings`` /
-    ``tgt_strings`` (canonical token strings indexed by id) are needed for ``dp`` only.
-    Output rows follow :func:`align.project`; ``ce`` is the source's token CE at the
-    aligned position (NaN elsewhere) and ``doc_ce`` its sequence CE.
+    Both ``DocDist`` come from extraction over ``text``. Output rows follow
+    :func:`align.project`; ``ce`` is the source's token CE at the aligned position (NaN
+    elsewhere), ``doc_ce`` its sequence CE over its own tokens (the paper's criterion),
+    ``cum_nll`` the source's NLL of the text from its first prediction up to the target
+    position's context end (NaN where not aligned: differences between two aligned
+    positions are the source's NLL of the bytes between them), ``byte_end`` where each
+    target context ends. Also returns the probability mass lost to unmapped ids.
     """
+    ss = byte_spans(text, [src_vocab.canon[i] for i in src.input_ids], src.offsets)
+    ts = byte_spans(text, [tgt_vocab.canon[i] for i in tgt.input_ids], tgt.offsets)
     if seq_method == "offsets":
-        sb = src_nbytes[src.input_ids] if src_nbytes is not None else None
-        tb = tgt_nbytes[tgt.input_ids] if tgt_nbytes is not None else None
-        a = align_offsets(src.offsets, tgt.offsets, strict, sb, tb)
+        a = align_spans(ss, ts, strict)
     else:
-        a = align_dp(
-            [src_strings[i] for i in src.input_ids], [tgt_strings[i] for i in tgt.input_ids]
-        )
+        strings = [_latin1(src_vocab, src.input_ids), _latin1(tgt_vocab, tgt.input_ids)]
+        a = align_dp(*strings, ss, ts)
     nxt = np.append(tgt.input_ids[1:], -1).astype(np.int64)
     lps_in = src.topk_logprobs.float().numpy()
-    ids, lps, aligned = project(src.topk_ids, lps_in, id_map, a.src_pos, nxt, k_out)
-    ce = np.full(len(tgt.input_ids), np.nan, dtype=np.float32)
+    src_cum = cumulative_nll(src.ce, ss.end - ss.start)
+    gold = gold_span(src, ss, ts, a.src_pos, src_cum) if gold_span_on else (None, None)
+    ids, lps, aligned, lost = project(src.topk_ids, lps_in, id_map, a.src_pos, nxt, k_out, *gold)
     hit = a.src_pos >= 0
+    ce = np.full(len(tgt.input_ids), np.nan, dtype=np.float32)
     ce[hit] = src.ce[a.src_pos[hit]]
+    cum = np.full(len(tgt.input_ids), np.nan, dtype=np.float32)
+    cum[hit] = src_cum[a.src_pos[hit]]
     out = DocDist(
         tgt.doc_id,
         tgt.input_ids,
@@ -57,15 +143,48 @@ def align_doc(
         ce,
         aligned,
         src.seq_ce,
+        cum,
+        ts.end.astype(np.int32),
     )
-    return out, a
+    return out, a, float(lost[hit].sum())
 
 
-def byte_lengths(canon: list[bytes | None]) -> np.ndarray:
-    """int64 ``[V]``: bytes each vocabulary id contributes to the text (0 for specials)."""
-    from align.vocab import SPECIAL
+def gold_span(
+    src: DocDist, ss: Spans, ts: Spans, src_pos: np.ndarray, src_cum: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The source's next token at each aligned target position, and the log-probability
+    the source gives the text of the *target's* next token there (see
+    :func:`align.project`): int64 / float64 ``[T]``.
 
-    return np.array(
-        [len(c) if c is not None and not c.startswith(SPECIAL) else 0 for c in canon],
-        dtype=np.int64,
-    )
+    Both next tokens start where the two contexts end. If the source's reaches at least
+    as far, the target tokenizer writes the start of that text as its own next token:
+    the source's probability of its token goes there (``-ce``). If it is shorter (``'``
+    of ``'d``), the target token's probability is the product of the source's
+    probabilities of the tokens that spell it (the chain rule over its CE), known where
+    the target token ends at a source context end; elsewhere NaN (the mass is dropped).
+    A zero-width next token on one side only (EOS) is left to the vocabulary map (-1).
+    """
+    T, S = len(src_pos), len(src.input_ids)
+    nxt = np.full(T, -1, dtype=np.int64)
+    lp = np.full(T, np.nan)
+    j = np.flatnonzero((src_pos >= 0) & (src_pos + 1 < S) & (np.arange(T) + 1 < T))
+    if not len(j):
+        return nxt, lp
+    i = src_pos[j]
+    s_w = ss.end[i + 1] - ss.end[i]
+    t_w = ts.end[j + 1] - ts.end[j]
+    s_reach, t_reach = ss.end[i + 1], ts.end[j + 1]
+    both = (s_w > 0) == (t_w > 0)
+    nxt[j[both]] = src.input_ids[i[both] + 1]
+    far = both & (s_reach >= t_reach)
+    lp[j[far]] = -src.ce[i[far]].astype(np.float64)
+    short = both & ~far
+    i2 = src_pos[j[short] + 1]  # where the target's next token ends, in the source
+    known = i2 >= 0
+    lp[j[short][known]] = -(src_cum[i2[known]] - src_cum[i[short][known]])
+    return nxt, lp
+
+
+def _latin1(vocab: Vocab, ids: np.ndarray) -> list[str]:
+    """Canonical token strings (bytes as Latin-1) for the DP's edit distances."""
+    return [c.decode("latin-1") if is_text(c := vocab.canon[i]) else "" for i in ids]

@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 from tqdm.auto import tqdm
 
-from align import canonicalize, vocab_map
-from fusellm.align.core import align_doc, byte_lengths, vocab_strings
+from align import vocab_map
+from align.vocab import is_text
+from fusellm.align.core import align_doc, first_tokens, tokenizer_vocab
+from fusellm.corpus.runner import STAGE as CORPUS
 from fusellm.extract.runner import STAGE as EXTRACT
+from fusellm.extract.runner import shard_documents
 from fusellm.manifest import load_manifest, outputs_hash
 from fusellm.models import load_tokenizer
 from fusellm.recipe import Recipe
@@ -47,9 +49,9 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, dict | None]:
     return out
 
 
-def _canon(recipe: Recipe, name: str, vocab_size: int) -> list[bytes | None]:
+def _vocab(recipe: Recipe, name: str, vocab_size: int):
     tok = load_tokenizer(recipe.models[name], name)
-    return canonicalize(vocab_strings(tok, vocab_size), set(tok.all_special_ids))
+    return tok, tokenizer_vocab(tok, vocab_size)
 
 
 def _run_source(recipe, cfg, src, t_man, rank, force) -> dict | None:
@@ -86,6 +88,8 @@ def _run_source(recipe, cfg, src, t_man, rank, force) -> dict | None:
         aligned = sum(r.get("x_aligned", 0) for r in recs)
         return {
             "aligned_fraction": aligned / max(tokens, 1),
+            # mean probability per aligned position that went to no target id (unmapped)
+            "lost_mass": sum(r.get("x_lost_mass", 0.0) for r in recs) / max(aligned, 1),
             "relations": rel,
             "source": src,
             "target": target,
@@ -109,33 +113,39 @@ def _compute(recipe, cfg, src, path, todo, s_man, t_man, k_out, fingerprint, ran
     v_src = _vocab_size(s_dir / first / shard_name(0))
     v_tgt = _vocab_size(t_dir / first / shard_name(0))
     t0 = time.time()
-    c_src, c_tgt = _canon(recipe, src, v_src), _canon(recipe, target, v_tgt)
-    id_map = vocab_map(c_src, c_tgt, cfg.vocab_method, cache_dir=recipe.stage_dir(STAGE) / "maps")
+    _, src_vocab = _vocab(recipe, src, v_src)
+    tgt_tok, tgt_vocab = _vocab(recipe, target, v_tgt)
+    first_ids = (
+        first_tokens(tgt_tok, tgt_vocab.canon, src_vocab.canon)
+        if cfg.vocab_method == "next_token"
+        else None
+    )
+    id_map = vocab_map(
+        src_vocab,
+        tgt_vocab,
+        cfg.vocab_method,
+        cache_dir=recipe.stage_dir(STAGE) / "maps",
+        first=first_ids,
+        max_distance=cfg.max_distance,
+    )
     map_s = time.time() - t0
+    text = [is_text(c) for c in src_vocab.canon]
+    exact = [
+        t and m >= 0 and c == tgt_vocab.canon[m]
+        for t, c, m in zip(text, src_vocab.canon, id_map, strict=True)
+    ]
     log.info(
-        "%s: %s vocabulary map %d -> %d ids in %.1fs (%.1f%% exact)",
+        "%s: %s vocabulary map %d -> %d ids in %.1fs (%.1f%% of text tokens exact, %.1f%% unmapped)",
         f"align[{src}]",
         cfg.vocab_method,
         v_src,
         v_tgt,
         map_s,
-        100
-        * float(
-            np.mean(
-                [
-                    c is not None and m >= 0 and c == c_tgt[m]
-                    for c, m in zip(c_src, id_map, strict=True)
-                ]
-            )
-        ),
+        100 * sum(exact) / max(sum(text), 1),
+        100 * sum(t and m < 0 for t, m in zip(text, id_map, strict=True)) / max(sum(text), 1),
     )
-    nbytes = (byte_lengths(c_src), byte_lengths(c_tgt))
-    strings = None
-    if cfg.seq_method == "dp":
-        strings = (
-            [c.decode("latin-1") if c is not None else "" for c in c_src],
-            [c.decode("latin-1") if c is not None else "" for c in c_tgt],
-        )
+    corpus_dir = recipe.stage_dir(CORPUS)
+    dps = recipe.extract.docs_per_shard
     with (
         start_run(
             recipe, f"{STAGE}/{src}", {"source": src, **fingerprint}, enabled=rank.rank == 0
@@ -144,26 +154,35 @@ def _compute(recipe, cfg, src, path, todo, s_man, t_man, k_out, fingerprint, ran
     ):
         tot_tok = tot_al = 0
         for split, shards in todo.items():
-            for i in shards:
+            for i, texts in shard_documents(corpus_dir, split, dps, shards):
                 s_docs, _ = read_shard(s_dir / split / shard_name(i))
                 t_docs, _ = read_shard(t_dir / split / shard_name(i))
-                if [d.doc_id for d in s_docs] != [d.doc_id for d in t_docs]:
+                ids = [
+                    [d.doc_id for d in s_docs],
+                    [d.doc_id for d in t_docs],
+                    [d for d, _ in texts],
+                ]
+                if not ids[0] == ids[1] == ids[2]:
                     raise ValueError(
-                        f"align[{src}]: shard {split}/{i} holds different documents for {src} and {target}"
+                        f"align[{src}]: shard {split}/{i} holds different documents for {src}, "
+                        f"{target} and the corpus; rerun extract for both"
                     )
-                out, rel = [], {}
-                for sd, td in zip(s_docs, t_docs, strict=True):
-                    d, a = align_doc(
+                out, rel, lost = [], {}, 0.0
+                for sd, td, (_, doc_text) in zip(s_docs, t_docs, texts, strict=True):
+                    d, a, lost_d = align_doc(
                         sd,
                         td,
+                        doc_text,
                         id_map,
+                        src_vocab,
+                        tgt_vocab,
                         cfg.seq_method,
                         cfg.strict,
                         k_out,
-                        *(strings or (None, None)),
-                        *nbytes,
+                        cfg.gold_span,
                     )
                     out.append(d)
+                    lost += lost_d
                     for k, v in a.counts().items():
                         rel[k] = rel.get(k, 0) + v
                 n = sum(len(d.input_ids) for d in out)
@@ -176,7 +195,7 @@ def _compute(recipe, cfg, src, path, todo, s_man, t_man, k_out, fingerprint, ran
                     data,
                     len(out),
                     n,
-                    {"aligned": n_al, **{f"rel_{k}": v for k, v in rel.items()}},
+                    {"aligned": n_al, "lost_mass": lost, **{f"rel_{k}": v for k, v in rel.items()}},
                 )
                 tot_tok, tot_al = tot_tok + n, tot_al + n_al
                 bar.update(n)

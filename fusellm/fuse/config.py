@@ -14,6 +14,11 @@ class FuseConfig(BaseModel):
 
     method: str = Field("min_ce", description="a registered fuser: min_ce, avg_ce, ...")
     level: Literal["sequence", "token"] = "sequence"
+    criterion: Literal["nll_per_byte", "ce_per_token"] = Field(
+        "nll_per_byte",
+        description="how candidates' CE is compared: NLL per byte of the same text, or the "
+        "paper's mean CE per token of each model's own tokenization",
+    )
     temperature: float = Field(1.0, gt=0.0, description="τ of avg_ce: weights softmax(−CE/τ)")
     top_k: int | None = Field(
         None, ge=1, description="entries kept per position (default: extract.top_k)"

@@ -5,11 +5,21 @@ target's positions and vocabulary, the target's own included when it is a source
 returns one top-k distribution per target position (FuseLLM, Wan et al. 2024, Sec. 3.3):
 
 * ``min_ce``: the distribution of the candidate with the lowest cross-entropy on the text
-  (per sequence: the sequence CE; per token: the CE at that position among candidates
-  aligned there);
+  (per sequence, or per token among the candidates aligned at that position);
 * ``avg_ce``: the mixture ``Σ_s w_s p_s`` with ``w = softmax(−CE / τ)``. (The reference
   code took a softmax over ``exp(−CE)``, which is nearly uniform; dividing the CE by a
   temperature is what makes the weights follow the CE.)
+
+What "cross-entropy on the text" means is the ``criterion``:
+
+* ``nll_per_byte`` (default): each candidate's NLL of the *same bytes*, per byte. At
+  sequence level, the text between the first and last context ends that every candidate
+  shares; at token level, from this position's context end to the next one that every
+  candidate aligned here shares. Tokenizers that cut text into longer tokens no longer
+  look worse (per-token CE follows bytes per token, not model quality), and a source
+  without BOS is not scored on text the others are not.
+* ``ce_per_token``: the paper's, for reproduction: the mean CE over the candidate's own
+  tokens (sequence), the CE of the aligned token (token).
 
 Register a new fuser with ``@register_fuser("name")``; the runner needs no change.
 """
@@ -23,6 +33,8 @@ import numpy as np
 
 from align import merge_topk
 
+CRITERIA = ("nll_per_byte", "ce_per_token")
+
 
 @dataclass
 class Candidate:
@@ -33,6 +45,8 @@ class Candidate:
     aligned: np.ndarray  # bool [T]: a real distribution here (else a gold one-hot fallback)
     ce: np.ndarray  # float32 [T]: token CE of this source at the aligned position (NaN: none)
     seq_ce: float  # the source's CE on the whole document (its own tokenization)
+    cum_nll: np.ndarray | None = None  # float [T]: NLL up to the context end (NaN: no end here)
+    byte_end: np.ndarray | None = None  # int [T]: byte where each target context ends
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,7 @@ class FuseParams:
     level: str = "sequence"  # "sequence" | "token"
     temperature: float = 1.0
     k_out: int = 10
+    criterion: str = "nll_per_byte"
 
 
 Fused = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -67,16 +82,80 @@ def _fit(ids: np.ndarray, lps: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
     )
 
 
-def _token_ce(cands: list[Candidate]) -> np.ndarray:
-    """[n, T] token CE, +inf where a candidate is not aligned or has no CE."""
-    ce = np.stack([np.where(c.aligned & np.isfinite(c.ce), c.ce, np.inf) for c in cands])
-    return ce.astype(np.float64)
-
-
-def _seq_ce(cands: list[Candidate]) -> np.ndarray:
+def _per_token_seq(cands: list[Candidate]) -> np.ndarray:
     return np.array(
         [c.seq_ce if np.isfinite(c.seq_ce) else np.inf for c in cands], dtype=np.float64
     )
+
+
+def _bytes_and_cum(cands: list[Candidate]) -> tuple[np.ndarray, np.ndarray]:
+    """``byte_end`` int64 [T] and the stacked ``cum_nll`` float64 [n, T] (NaN kept)."""
+    end = next((c.byte_end for c in cands if c.byte_end is not None), None)
+    if end is None or any(c.cum_nll is None for c in cands):
+        raise ValueError(
+            "criterion nll_per_byte needs every candidate's cum_nll and the byte ends "
+            "(align shards written by this version; rerun align)"
+        )
+    return np.asarray(end, dtype=np.int64), np.stack([c.cum_nll for c in cands]).astype(np.float64)
+
+
+def seq_scores(cands: list[Candidate], p: FuseParams) -> np.ndarray:
+    """float64 ``[n]``: each candidate's CE on the document under ``p.criterion`` (+inf:
+    none). A document with fewer than two context ends that all candidates share (too
+    short to compare on the same bytes) falls back to per-token CE."""
+    if p.criterion == "ce_per_token" or len(cands) == 1:
+        return _per_token_seq(cands)
+    end, cum = _bytes_and_cum(cands)
+    shared = np.flatnonzero(np.isfinite(cum).all(0))
+    if len(shared) < 2:
+        return _per_token_seq(cands)
+    a, b = shared[0], shared[-1]
+    return (cum[:, b] - cum[:, a]) / (end[b] - end[a])
+
+
+def token_scores(cands: list[Candidate], p: FuseParams) -> np.ndarray:
+    """float64 ``[n, T]``: each candidate's CE at each position under ``p.criterion``,
+    +inf where it has no distribution (not aligned). Per byte, positions with no later
+    context end shared by the candidates aligned there (the end of the document) take
+    the sequence-level score."""
+    aligned = np.stack([c.aligned for c in cands])
+    if p.criterion == "ce_per_token" or len(cands) == 1:
+        ce = np.stack([np.where(c.aligned & np.isfinite(c.ce), c.ce, np.inf) for c in cands])
+        return ce.astype(np.float64)
+    end, cum = _bytes_and_cum(cands)
+    n, T = cum.shape
+    has = aligned & np.isfinite(cum)
+    score = np.full((n, T), np.inf)
+    mask = (has * (1 << np.arange(n))[:, None]).sum(0)  # which candidates are here, as bits
+    for m in np.unique(mask[mask > 0]):
+        members = np.flatnonzero((m >> np.arange(n)) & 1)
+        ok = has[members].all(0)
+        # next position after j where every member has a context end (T: none)
+        idx = np.where(ok, np.arange(T), T)
+        nxt = np.append(np.minimum.accumulate(idx[::-1])[::-1][1:], T)
+        js = np.flatnonzero(mask == m)
+        js = js[nxt[js] < T]
+        jn = nxt[js]
+        seg = (cum[np.ix_(members, jn)] - cum[np.ix_(members, js)]) / (end[jn] - end[js])
+        score[np.ix_(members, js)] = seg
+    tail = has & ~np.isfinite(score).any(0, keepdims=True)
+    seq = seq_scores(cands, p)
+    score = np.where(tail, np.broadcast_to(seq[:, None], (n, T)), score)
+    return score
+
+
+def cumulative_nll(ce: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """float64 ``[N]``: at position ``i``, the NLL of tokens ``1..i`` (what positions
+    ``< i`` predicted), counting only predictions of tokens that cover text (a zero-width
+    EOS or special has no bytes to be scored per byte).
+
+    ``ce`` float ``[N]`` (NaN at the last position), ``width`` int ``[N]`` bytes per token.
+    """
+    ce = np.asarray(ce, dtype=np.float64)
+    pred = np.zeros(len(ce))
+    if len(ce) > 1:
+        pred[:-1] = np.where((np.asarray(width)[1:] > 0) & np.isfinite(ce[:-1]), ce[:-1], 0.0)
+    return np.concatenate([[0.0], np.cumsum(pred[:-1])]) if len(ce) else pred
 
 
 def _softmax_neg(ce: np.ndarray, tau: float, axis: int = 0) -> np.ndarray:
@@ -94,10 +173,10 @@ def min_ce(cands: list[Candidate], p: FuseParams) -> Fused:
     """Lowest CE wins (ties: the first candidate, i.e. recipe order)."""
     n, T = len(cands), len(cands[0].aligned)
     if p.level == "sequence":
-        s = int(np.argmin(_seq_ce(cands)))
+        s = int(np.argmin(seq_scores(cands, p)))
         ids, lps = _fit(cands[s].ids, cands[s].logprobs, p.k_out)
         return ids, lps, cands[s].aligned.copy(), np.eye(n)[s]
-    ce = _token_ce(cands)
+    ce = token_scores(cands, p)
     best = np.argmin(ce, axis=0)  # all-inf columns -> 0 (the first candidate's row)
     fits = [_fit(c.ids, c.logprobs, p.k_out) for c in cands]
     ids = np.stack([f[0] for f in fits])[best, np.arange(T)]
@@ -112,12 +191,12 @@ def avg_ce(cands: list[Candidate], p: FuseParams) -> Fused:
     """Mixture weighted by softmax(−CE/τ) (per sequence or per token)."""
     n, T = len(cands), len(cands[0].aligned)
     if p.level == "sequence":
-        w = _softmax_neg(_seq_ce(cands), p.temperature)
+        w = _softmax_neg(seq_scores(cands, p), p.temperature)
         if not w.any():
             w = np.eye(n)[0]
         w_tok = np.repeat(w[:, None], T, axis=1)
     else:
-        w_tok = _softmax_neg(_token_ce(cands), p.temperature, axis=0)
+        w_tok = _softmax_neg(token_scores(cands, p), p.temperature, axis=0)
         none = ~w_tok.any(axis=0)
         w_tok[0, none] = 1.0  # nothing aligned: the first candidate's (fallback) row
     rows, ids, probs = [], [], []
@@ -141,4 +220,6 @@ def fuse(method: str, cands: list[Candidate], params: FuseParams) -> Fused:
         raise KeyError(f"unknown fusion method '{method}'; registered: {sorted(FUSERS)}")
     if not cands:
         raise ValueError("fusion needs at least one candidate")
+    if params.criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion '{params.criterion}' ({', '.join(CRITERIA)})")
     return FUSERS[method](cands, params)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from fusellm.align.runner import STAGE as ALIGN
 from fusellm.extract.runner import STAGE as EXTRACT
-from fusellm.fuse.core import Candidate, FuseParams, fuse
+from fusellm.fuse.core import Candidate, FuseParams, cumulative_nll, fuse
 from fusellm.manifest import load_manifest, outputs_hash
 from fusellm.recipe import Recipe
 from fusellm.sharded import Rank, finish_if_complete, pending_shards, prepare_dir, sidecar_records
@@ -29,10 +29,18 @@ log = logging.getLogger(__name__)
 STAGE = "fuse"
 
 
-def candidate(d: DocDist) -> Candidate:
-    """A shard document as a fusion candidate (extraction shards: aligned everywhere)."""
+def candidate(d: DocDist, byte_end: np.ndarray | None = None) -> Candidate:
+    """A shard document as a fusion candidate.
+
+    Aligned shards carry the source's ``cum_nll`` and the target's ``byte_end``. The
+    target's own extraction is aligned everywhere; its ``cum_nll`` comes from its own CE
+    over the byte ends that any aligned source's shard carries (``byte_end``)."""
     aligned = d.aligned if d.aligned is not None else np.ones(len(d.input_ids), dtype=bool)
-    return Candidate(d.topk_ids, d.topk_logprobs.float().numpy(), aligned, d.ce, d.seq_ce)
+    cum, end = d.cum_nll, d.byte_end
+    if cum is None and byte_end is not None:
+        end = np.asarray(byte_end, dtype=np.int64)
+        cum = cumulative_nll(d.ce, np.diff(end, prepend=0))
+    return Candidate(d.topk_ids, d.topk_logprobs.float().numpy(), aligned, d.ce, d.seq_ce, cum, end)
 
 
 def _inputs(recipe: Recipe, sources: list[str]) -> dict:
@@ -64,7 +72,7 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
                 f"fuse: shards of '{s}' {man['stats']['shards']} differ from the target's {plan}"
             )
     k_out = cfg.top_k or recipe.extract.top_k
-    params = FuseParams(cfg.level, cfg.temperature, k_out)
+    params = FuseParams(cfg.level, cfg.temperature, k_out, cfg.criterion)
     fingerprint = {
         "config": cfg.model_dump(mode="json") | {"sources": sources, "top_k": k_out},
         "inputs": {s: outputs_hash(man) for s, (_, man) in inputs.items()},
@@ -108,13 +116,15 @@ def _compute(recipe, cfg, sources, inputs, t_dir, path, todo, params, fingerprin
                 per_source = [read_shard(inputs[s][0] / split / shard_name(i))[0] for s in sources]
                 out, weights, n_al = [], np.zeros(len(sources)), 0
                 for j, td in enumerate(t_docs):
-                    cands = []
                     for s, docs in zip(sources, per_source, strict=True):
                         if docs[j].doc_id != td.doc_id:
                             raise ValueError(
                                 f"fuse: shard {split}/{i} of '{s}' holds other documents than the target's"
                             )
-                        cands.append(candidate(docs[j]))
+                    ends = next(
+                        (d[j].byte_end for d in per_source if d[j].byte_end is not None), None
+                    )
+                    cands = [candidate(docs[j], ends) for docs in per_source]
                     if len(td.input_ids) == 0:
                         out.append(td)
                         continue

@@ -386,9 +386,9 @@ def test_shards_refuse_a_pickle(tmp_path):
 def test_vocab_map_cache_refuses_a_pickle(tmp_path):
     """The cached MinED/EM vocabulary map is .npy loaded without pickle: an object array
     or a raw pickle in its place is refused and never runs."""
-    from align.vocab import vocab_map
+    from align.vocab import Vocab, vocab_map
 
-    src, tgt = [b"a", b"b", b"ab"], [b"a", b"b"]
+    src, tgt = Vocab.from_bytes([b"a", b"b", b"ab"]), Vocab.from_bytes([b"a", b"b"])
     ref = vocab_map(src, tgt, "em", tmp_path)
     (cached,) = tmp_path.glob("*.npy")
     np.testing.assert_array_equal(vocab_map(src, tgt, "em", tmp_path), ref)  # the cache is read
