@@ -26,7 +26,15 @@ class FusionTrainingArguments(TrainingArguments):
     tail: str = field(
         default="renormalize", metadata={"help": "renormalize the top-k, or keep a tail bucket"}
     )
-    block_size: int = field(default=2048, metadata={"help": "tokens per packed training block"})
+    block_size: int = field(default=2048, metadata={"help": "tokens per training block"})
+    packing: str = field(
+        default="documents",
+        metadata={
+            "help": "documents: whole documents per block, attention never crosses one; "
+            "none: one document per block; stream: the reference one-stream layout "
+            "(attention across documents, documents cut at block edges; ablation only)"
+        },
+    )
     train_split: str = field(
         default="train", metadata={"help": "corpus split of the fused shards to train on"}
     )
@@ -45,6 +53,10 @@ class FusionTrainingArguments(TrainingArguments):
             raise ValueError(
                 "tail: bucket keeps the stored tail mass, which needs teacher_temperature 1.0"
             )
+        from fusellm.train.data import PACKING
+
+        if self.packing not in PACKING:
+            raise ValueError(f"packing must be one of {', '.join(PACKING)}, got '{self.packing}'")
         if self.block_size < 2:
             raise ValueError(f"block_size must be >= 2, got {self.block_size}")
 
@@ -79,7 +91,14 @@ def check_train_section(section: dict) -> None:
         _check_deepspeed_json(ds)
     probe = {
         k: section[k]
-        for k in ("lm_weight", "teacher_temperature", "fusion_loss", "tail", "block_size")
+        for k in (
+            "lm_weight",
+            "teacher_temperature",
+            "fusion_loss",
+            "tail",
+            "block_size",
+            "packing",
+        )
         if k in section
     }
     try:

@@ -1,52 +1,151 @@
-"""Packed training blocks read lazily from fused shards.
+"""Training blocks of whole documents, read lazily from fused shards.
 
-The documents of the fused shards form one token stream (shard order, document order);
-block ``b`` is tokens ``[b·L, (b+1)·L)``, each carrying its fused top-k target. Only the
-sidecars are read up front (token counts); a block loads the one or two shards it spans,
-with a small cache, so memory is bounded by a few shards whatever the corpus size.
-Map-style, so the Trainer's sampler, gradient accumulation, multi-process sharding and
-exact resume (it skips consumed batches) all work unchanged.
+Every fused row was computed by a teacher that saw its document alone, from its first
+token (BOS where the tokenizer adds one). The student must see the same context, so with
+``packing: documents`` (the default) a block never cuts a document: whole documents are
+packed into ``block_size`` blocks (first fit over a window of open blocks, in corpus
+order), each document's positions restart at 0, and ``position_ids`` tell the model
+where documents start, which transformers turns into attention that never crosses a
+document (a block-causal mask for sdpa/eager, varlen kernels for flash attention).
+``packing: none`` puts one document in each block (padded). ``packing: stream`` is the
+reference FuseLLM / ``group_texts`` layout, kept for reproduction and ablation only: one
+token stream cut every ``block_size`` tokens, attention across documents, documents cut
+at block edges, so the student's context is not the teacher's.
+
+Only shard headers are read up front (document lengths); a block loads the shards its
+documents live in, with a small cache, so memory is bounded by a few shards whatever the
+corpus size. Map-style, so the Trainer's sampler, gradient accumulation, multi-process
+sharding and exact resume (it skips consumed batches) all work unchanged.
 """
 
 from __future__ import annotations
 
-import bisect
+import json
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
-from fusellm.shards import read_shard, sidecar
-from fusellm.storage import read_json
+from fusellm.shards import read_shard
 
 IGNORE = -100
+PACKING = ("documents", "none", "stream")
+
+
+class DocumentTooLong(ValueError):
+    """A document longer than a training block: the block would cut its context."""
+
+
+def doc_lengths(path: Path) -> tuple[list[str], np.ndarray]:
+    """Document ids and token counts of a shard, from its header and offsets alone."""
+    with safe_open(str(path), framework="numpy") as f:
+        ids = json.loads(f.metadata()["doc_ids"])
+        return ids, np.diff(f.get_tensor("doc_offsets"))
+
+
+def pack(lengths: np.ndarray, block_size: int, window: int = 16) -> list[list[int]]:
+    """Group documents (by index) into blocks of at most ``block_size`` tokens.
+
+    First fit over the ``window`` most recently opened blocks, in document order:
+    deterministic, and a block's documents stay near each other in the corpus (and in
+    the shards). Documents with no tokens are left out.
+    """
+    blocks: list[list[int]] = []
+    room: list[int] = []
+    open_: list[int] = []
+    for d, n in enumerate(lengths.tolist()):
+        if n == 0:
+            continue
+        b = next((b for b in open_ if room[b] >= n), None)
+        if b is None:
+            b = len(blocks)
+            blocks.append([])
+            room.append(block_size)
+            open_.append(b)
+            if len(open_) > window:
+                open_.pop(0)
+        blocks[b].append(d)
+        room[b] -= n
+        if room[b] == 0:
+            open_.remove(b)
+    return blocks
 
 
 class FusedBlocks(torch.utils.data.Dataset):
-    """Blocks of ``block_size`` target tokens with their fused top-k targets.
+    """Blocks of whole documents (``block_size`` tokens at most) with their fused targets.
 
     Each item: ``input_ids`` int64 ``[L]``, ``shift_labels`` int64 ``[L]`` (next token
     within the document, -100 at a document's last token and on padding),
     ``fused_ids`` int64 ``[L, k]``, ``fused_logprobs`` float32 ``[L, k]``,
-    ``fused_mask`` bool ``[L]``, ``length`` (real tokens; only the last block is short).
+    ``fused_mask`` bool ``[L]``, ``length`` (real tokens; padding follows them), and with
+    ``packing: documents`` ``position_ids`` int64 ``[L]`` (restarting at every document;
+    the padding counts as one more).
     """
 
-    def __init__(self, shards: list[Path], block_size: int, cache_shards: int = 2):
+    def __init__(
+        self,
+        shards: list[Path],
+        block_size: int,
+        packing: str = "documents",
+        cache_shards: int = 4,
+    ):
         if not shards:
             raise ValueError("no fused shards to train on")
+        if packing not in PACKING:
+            raise ValueError(f"unknown packing '{packing}' ({', '.join(PACKING)})")
         self.shards = list(shards)
         self.block_size = block_size
-        counts = [read_json(sidecar(p))["tokens"] for p in self.shards]
-        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.total = int(self.starts[-1])
+        self.packing = packing
+        where, lengths = [], []
+        for s, p in enumerate(self.shards):
+            ids, n = doc_lengths(p)
+            too_long = np.flatnonzero(n > block_size)
+            if len(too_long) and packing != "stream":
+                d = int(too_long[0])
+                raise DocumentTooLong(
+                    f"train: document '{ids[d]}' ({p}) has {int(n[d])} target tokens, more "
+                    f"than train.block_size {block_size}: a block would cut the context its "
+                    "fused rows were computed on. Set corpus.block_size to at most "
+                    "train.block_size (and rerun from the corpus stage) or raise "
+                    "train.block_size"
+                )
+            where.extend((s, d) for d in range(len(n)))
+            lengths.append(n)
+        lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+        self.where = np.array(where, dtype=np.int64).reshape(-1, 2)  # doc -> (shard, index)
+        self.total = int(lengths.sum())
+        if not self.total:
+            raise ValueError("the fused shards hold no tokens to train on")
+        # Each block is a run of (document, first token, end token) slices.
+        if packing == "stream":
+            sl = _stream_slices(lengths, block_size)
+        else:
+            groups = (
+                pack(lengths, block_size)
+                if packing == "documents"
+                else [[d] for d in np.flatnonzero(lengths)]
+            )
+            sl = [[(d, 0, int(lengths[d])) for d in g] for g in groups]
+        self.slices = np.array([x for b in sl for x in b], dtype=np.int64).reshape(-1, 3)
+        self.block_ptr = np.concatenate([[0], np.cumsum([len(b) for b in sl])])
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._cache_size = cache_shards
         self._verified: set[int] = set()
-        self.k = self._shard(0)["ids"].shape[1]
+        self.k = self._shard(int(self.where[self.slices[0, 0], 0]))["ids"].shape[1]
+
+    @property
+    def packed(self) -> bool:
+        """Blocks carry ``position_ids`` that restart at each document."""
+        return self.packing == "documents"
 
     def __len__(self) -> int:
-        return (self.total + self.block_size - 1) // self.block_size
+        return len(self.block_ptr) - 1
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.total / (len(self) * self.block_size)
 
     def _shard(self, i: int) -> dict[str, np.ndarray]:
         if i in self._cache:
@@ -56,13 +155,9 @@ class FusedBlocks(torch.utils.data.Dataset):
         # shuffled visit): hash it once, not on each read.
         docs, _ = read_shard(self.shards[i], verify=i not in self._verified)
         self._verified.add(i)
-        ids = np.concatenate([d.input_ids for d in docs]).astype(np.int64)
-        labels = np.concatenate(
-            [np.append(d.input_ids[1:], IGNORE) for d in docs if len(d.input_ids)] or [np.zeros(0)]
-        )
         arr = {
-            "input_ids": ids,
-            "shift_labels": labels.astype(np.int64),
+            "starts": np.concatenate([[0], np.cumsum([len(d.input_ids) for d in docs])]),
+            "input_ids": np.concatenate([d.input_ids for d in docs]).astype(np.int64),
             "ids": np.concatenate([d.topk_ids for d in docs]).astype(np.int64),
             "logprobs": torch.cat([d.topk_logprobs for d in docs]).float().numpy(),
             "mask": np.concatenate(
@@ -77,23 +172,26 @@ class FusedBlocks(torch.utils.data.Dataset):
             self._cache.popitem(last=False)
         return arr
 
+    def _doc(self, d: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Tokens ``[lo, hi)`` of document ``d`` (labels: the next token in the document)."""
+        s, i = self.where[d]
+        a = self._shard(int(s))
+        start, end = a["starts"][i], a["starts"][i + 1]
+        out = {k: a[k][start:end] for k in ("input_ids", "ids", "logprobs", "mask")}
+        out["shift_labels"] = np.append(out["input_ids"][1:], IGNORE)
+        out["position_ids"] = np.arange(end - start, dtype=np.int64)
+        return {k: v[lo:hi] for k, v in out.items()}
+
     def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
         if not 0 <= b < len(self):
             raise IndexError(b)
-        lo, hi = b * self.block_size, min((b + 1) * self.block_size, self.total)
-        parts = []
-        s = bisect.bisect_right(self.starts, lo) - 1
-        while lo < hi:
-            a = self._shard(s)
-            off = lo - self.starts[s]
-            take = min(hi - lo, len(a["input_ids"]) - off)
-            parts.append({k: v[off : off + take] for k, v in a.items()})
-            lo += take
-            s += 1
+        parts = [
+            self._doc(*map(int, x)) for x in self.slices[self.block_ptr[b] : self.block_ptr[b + 1]]
+        ]
         cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        n, L = len(cat["input_ids"]), self.block_size
-        pad = L - n
-        return {
+        n = len(cat["input_ids"])
+        pad = self.block_size - n
+        item = {
             "input_ids": torch.from_numpy(np.pad(cat["input_ids"], (0, pad))),
             "shift_labels": torch.from_numpy(
                 np.pad(cat["shift_labels"], (0, pad), constant_values=IGNORE)
@@ -105,6 +203,28 @@ class FusedBlocks(torch.utils.data.Dataset):
             "fused_mask": torch.from_numpy(np.pad(cat["mask"], (0, pad))),
             "length": torch.tensor(n),
         }
+        if self.packed:
+            pos = np.concatenate([cat["position_ids"], np.arange(pad, dtype=np.int64)])
+            item["position_ids"] = torch.from_numpy(pos)
+        return item
+
+
+def _stream_slices(lengths: np.ndarray, block_size: int) -> list[list[tuple[int, int, int]]]:
+    """The documents as one stream cut every ``block_size`` tokens (``packing: stream``)."""
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    blocks = []
+    for lo in range(0, int(starts[-1]), block_size):
+        hi = min(lo + block_size, int(starts[-1]))
+        d = int(np.searchsorted(starts, lo, side="right") - 1)
+        sl = []
+        while lo < hi:
+            take = min(hi, int(starts[d + 1])) - lo
+            if take > 0:
+                sl.append((d, lo - int(starts[d]), lo - int(starts[d]) + take))
+            lo += max(take, 0)
+            d += 1
+        blocks.append(sl)
+    return blocks
 
 
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

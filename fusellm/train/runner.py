@@ -124,7 +124,15 @@ def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]
     from fusellm.train.trainer import CompletionMarker, FusionTrainer, NonFiniteGradStop
 
     spec = recipe.models[recipe.target]
-    dataset = FusedBlocks(paths, args.block_size)
+    dataset = FusedBlocks(paths, args.block_size, args.packing)
+    log.info(
+        "%s: %d blocks of %d tokens (%s packing, %.1f%% padding)",
+        sd.stage,
+        len(dataset),
+        args.block_size,
+        args.packing,
+        100 * dataset.padding_fraction,
+    )
     if args.deepspeed:
         from fusellm.train import safe_load
 
@@ -188,6 +196,7 @@ def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]
         "global_steps": result.global_step,
         "blocks": len(dataset),
         "tokens": dataset.total,
+        "padding_fraction": round(dataset.padding_fraction, 4),
         "seconds": round(secs, 1),
         "tokens_per_s": round(dataset.total * args.num_train_epochs / max(secs, 1e-9), 1),
     }

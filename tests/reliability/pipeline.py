@@ -51,7 +51,7 @@ align: {{}}
 fuse: {{method: min_ce}}
 train:
   lm_weight: 0.5
-  block_size: 16
+  block_size: 48
   per_device_train_batch_size: 2
   learning_rate: 1.0e-3
   max_steps: 6

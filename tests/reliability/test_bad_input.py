@@ -259,7 +259,7 @@ align: {{}}
 fuse: {{method: min_ce}}
 train:
   lm_weight: 0.5
-  block_size: 16
+  block_size: 24
   per_device_train_batch_size: 4
   learning_rate: 1.0e-2
   max_steps: 3
