@@ -4,7 +4,8 @@ A recipe is data, not code. Loading goes through four steps, each of which can f
 a :class:`RecipeError` that names the recipe file and the dotted key path:
 
 1. ``yaml`` with a safe loader (no ``!!python/...`` tags, duplicate keys refused, and
-   YAML-1.2 floats so ``lr: 1e-5`` is a float and not the string ``"1e-5"``);
+   YAML-1.2 floats so ``lr: 1e-5`` is a float and not the string ``"1e-5"``); a recipe
+   with ``extends: base.yaml`` is that recipe with its own keys merged on top;
 2. dotted ``key=value`` overrides from the command line (values parsed as YAML scalars);
 3. ``${a.b.c}`` references into the recipe, ``${env:NAME}`` environment variables and
    ``${recipe_dir}`` (the recipe file's directory)
@@ -289,16 +290,7 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recip
     Raises :class:`RecipeError` naming the file and the dotted key of the first problems.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read recipe: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise RecipeError(f"{path}: recipe is not UTF-8 ({e.reason} at byte {e.start})") from None
-    tree = parse_yaml(text, str(path))
-    if not isinstance(tree, dict):
-        raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(tree).__name__}")
-    tree = copy.deepcopy(tree)
+    tree = read_tree(path)
     overridden: set[str] = set()
     for item in overrides:
         parts, value = parse_override(item)
@@ -309,6 +301,41 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recip
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from None
     return validate_tree(tree, str(path), overridden)
+
+
+def read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The recipe file's YAML mapping, with ``extends: other.yaml`` (relative to the file)
+    resolved: the other recipe's tree, deep-merged with this one's keys on top (mappings
+    merge key by key; any other value, lists included, replaces)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read recipe: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: recipe is not UTF-8 ({e.reason} at byte {e.start})") from None
+    tree = parse_yaml(text, str(path))
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(tree).__name__}")
+    tree = copy.deepcopy(tree)
+    base = tree.pop("extends", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise RecipeError(f"{path}: extends: expected a recipe file name, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in seen or base_path == path.resolve():
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve(), base_path))
+        raise RecipeError(f"{path}: extends: recipes extend each other in a cycle: {chain}")
+    return _deep_merge(read_tree(base_path, (*seen, path.resolve())), tree)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
+    return out
 
 
 def validate_tree(tree: dict, source: str, overridden: set[str] = frozenset()) -> Recipe:

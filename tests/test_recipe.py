@@ -195,3 +195,38 @@ def test_deepspeed_config_with_scheduler_is_refused(tmp_path):
         load_text(tmp_path, BASE + f"train: {{deepspeed: {bad}}}\n")
     with pytest.raises(RecipeError, match=r"train\.deepspeed: no such file"):
         load_text(tmp_path, BASE + f"train: {{deepspeed: {tmp_path / 'nope.json'}}}\n")
+
+
+def test_extends_merges_a_base_recipe_under_this_one(tmp_path):
+    (tmp_path / "base.yaml").write_text(BASE + "align: {vocab_method: em, strict: true}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text(
+        "extends: base.yaml\nname: child\nalign: {vocab_method: min_ed}\nsources: [a]\n"
+    )
+    r = load_recipe(child, ["align.max_distance=3"])
+    assert r.name == "child" and r.sources == ["a"]  # replaced
+    assert r.align.vocab_method == "min_ed" and r.align.strict  # merged key by key
+    assert r.align.max_distance == 3 and r.corpus.block_size == 128
+    (tmp_path / "base.yaml").write_text(BASE.replace("name: t", "extends: child.yaml\nname: t"))
+    with pytest.raises(RecipeError, match="cycle"):
+        load_recipe(child)
+    child.write_text("extends: nowhere.yaml\n")
+    with pytest.raises(RecipeError, match="nowhere.yaml: cannot read recipe"):
+        load_recipe(child)
+
+
+def test_paper_variants_differ_from_their_recipe_only_in_the_papers_choices():
+    root = Path(__file__).parent.parent / "recipes"
+    for ours, paper in [
+        ("fusellm-7b.yaml", "fusellm-7b-paper.yaml"),
+        ("quickstart.yaml", "quickstart-paper.yaml"),
+    ]:
+        a, b = load_recipe(root / ours), load_recipe(root / paper)
+        assert (b.align.vocab_method, b.align.seq_method, b.align.gold_span) == (
+            "min_ed",
+            "dp",
+            False,
+        )
+        assert b.fuse.criterion == "ce_per_token" and b.train["packing"] == "stream"
+        assert a.align.vocab_method == "next_token" and a.fuse.criterion == "nll_per_byte"
+        assert a.models == b.models and a.corpus == b.corpus and a.extract == b.extract
