@@ -34,7 +34,8 @@ def project(
             that probability instead of through ``id_map`` (whose context-free choice can
             be a token the target tokenizer never emits for this text: ``\n\n`` where it
             writes ``\n`` + ``\n``, or ``'`` where it writes ``'d``); with NaN its mass is
-            dropped. Absent from the source's top-k, it is added.
+            dropped. Absent from the source's top-k, it is added; the target's next token
+            is kept in the row whatever its rank.
 
     Returns:
         ``ids`` int32 ``[T, k_out]``, ``logprobs`` float32 ``[T, k_out]`` sorted by
@@ -84,6 +85,7 @@ def project(
             np.concatenate([p[ok], np.exp(g[e]) if len(e) else np.zeros(0)]),
             len(rows),
             k_out,
+            tgt_next_ids[rows] if src_next_ids is not None else None,
         )
         ids[rows], lps[rows] = m_ids, m_lps
         aligned[rows] = has
@@ -94,15 +96,22 @@ def project(
 
 
 def merge_topk(
-    row: np.ndarray, ids: np.ndarray, prob: np.ndarray, n_rows: int, k_out: int
+    row: np.ndarray,
+    ids: np.ndarray,
+    prob: np.ndarray,
+    n_rows: int,
+    k_out: int,
+    keep_ids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sum the probabilities of equal ids within each row; keep each row's ``k_out`` most
     probable, sorted.
 
-    Args: flat ``row`` (int, row index), ``ids`` (int, >= 0) and ``prob`` (float) entries.
+    Args: flat ``row`` (int, row index), ``ids`` (int, >= 0) and ``prob`` (float) entries;
+    ``keep_ids`` (int ``[n_rows]``, -1 none): an id kept in its row whatever its rank
+    (the gold next token: the one probability the loss must not lose to the cut).
     Returns: ``ids`` int32 ``[n_rows, k_out]``, ``logprobs`` float32 (padding: id 0,
     ``-inf``) and ``has`` bool ``[n_rows]`` (the row received any entry). Vectorised:
-    one ``unique`` over ``row * V + id`` keys and one ``lexsort``.
+    one ``unique`` over ``row * V + id`` keys and two ``lexsort``.
     """
     out_ids = np.zeros((n_rows, k_out), dtype=np.int32)
     out_lps = np.full((n_rows, k_out), NEG_INF, dtype=np.float32)
@@ -114,12 +123,19 @@ def merge_topk(
     total = np.zeros(len(uniq))
     np.add.at(total, inv, prob)
     r_u, t_u = uniq // vocab, uniq % vocab
-    order = np.lexsort((-total, r_u))  # by row, then most probable first
+    must = np.zeros(len(uniq), dtype=bool)
+    if keep_ids is not None:
+        must = t_u == np.asarray(keep_ids, dtype=np.int64)[r_u]
+    order = np.lexsort((-total, ~must, r_u))  # by row, the kept id, then most probable
     r_u, t_u, total = r_u[order], t_u[order], total[order]
     rank = np.arange(len(r_u)) - np.searchsorted(r_u, r_u, side="left")
     keep = rank < k_out
-    out_ids[r_u[keep], rank[keep]] = t_u[keep]
+    r_u, t_u, total = r_u[keep], t_u[keep], total[keep]
+    order = np.lexsort((-total, r_u))  # the kept entries, most probable first
+    r_u, t_u, total = r_u[order], t_u[order], total[order]
+    rank = np.arange(len(r_u)) - np.searchsorted(r_u, r_u, side="left")
+    out_ids[r_u, rank] = t_u
     with np.errstate(divide="ignore"):
-        out_lps[r_u[keep], rank[keep]] = np.log(np.minimum(total[keep], 1.0))
+        out_lps[r_u, rank] = np.log(np.minimum(total, 1.0))
     has[np.unique(r_u)] = True
     return out_ids, out_lps, has

@@ -47,6 +47,7 @@ class Candidate:
     seq_ce: float  # the source's CE on the whole document (its own tokenization)
     cum_nll: np.ndarray | None = None  # float [T]: NLL up to the context end (NaN: no end here)
     byte_end: np.ndarray | None = None  # int [T]: byte where each target context ends
+    next_ids: np.ndarray | None = None  # int [T]: the target's gold next token (-1: none), kept
 
 
 @dataclass(frozen=True)
@@ -71,15 +72,49 @@ def register_fuser(name: str):
     return deco
 
 
-def _fit(ids: np.ndarray, lps: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cut or pad rows to ``k`` entries (padding: id 0, -inf)."""
-    if ids.shape[1] >= k:
-        return ids[:, :k].astype(np.int32), lps[:, :k].astype(np.float32)
+def _fit(
+    ids: np.ndarray, lps: np.ndarray, k: int, keep: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut or pad rows to ``k`` entries (padding: id 0, -inf); a cut keeps ``keep`` (the
+    gold next token of each row, -1 none) whatever its rank."""
+    if ids.shape[1] > k:
+        live = np.isfinite(lps)
+        rows = np.broadcast_to(np.arange(len(ids))[:, None], ids.shape)[live]
+        return merge_topk(rows, ids[live], np.exp(lps[live].astype(np.float64)), len(ids), k, keep)[
+            :2
+        ]
     pad = k - ids.shape[1]
     return (
         np.pad(ids, ((0, 0), (0, pad))).astype(np.int32),
         np.pad(lps, ((0, 0), (0, pad)), constant_values=-np.inf).astype(np.float32),
     )
+
+
+def with_gold(
+    ids: np.ndarray, lps: np.ndarray, next_ids: np.ndarray, ce: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a model's own top-k with its gold next token added at its exact
+    probability ``exp(-ce)`` where the top-k lacks it (replacing the least probable
+    entry): the probability the loss needs most is never lost to the cut.
+
+    ``ids`` int ``[T, k]``, ``lps`` float ``[T, k]``, ``next_ids`` int ``[T]`` (-1: none),
+    ``ce`` float ``[T]`` (NaN: none). Returns the same shapes.
+    """
+    T, k = ids.shape
+    add = (next_ids >= 0) & np.isfinite(ce) & ~(ids == next_ids[:, None]).any(1)
+    if not add.any():
+        return ids, lps
+    live = np.isfinite(lps)
+    rows = np.broadcast_to(np.arange(T)[:, None], ids.shape)[live]
+    a = np.flatnonzero(add)
+    return merge_topk(
+        np.concatenate([rows, a]),
+        np.concatenate([ids[live], next_ids[a]]),
+        np.concatenate([np.exp(lps[live].astype(np.float64)), np.exp(-ce[a].astype(np.float64))]),
+        T,
+        k,
+        next_ids,
+    )[:2]
 
 
 def _per_token_seq(cands: list[Candidate]) -> np.ndarray:
@@ -174,11 +209,11 @@ def min_ce(cands: list[Candidate], p: FuseParams) -> Fused:
     n, T = len(cands), len(cands[0].aligned)
     if p.level == "sequence":
         s = int(np.argmin(seq_scores(cands, p)))
-        ids, lps = _fit(cands[s].ids, cands[s].logprobs, p.k_out)
+        ids, lps = _fit(cands[s].ids, cands[s].logprobs, p.k_out, cands[s].next_ids)
         return ids, lps, cands[s].aligned.copy(), np.eye(n)[s]
     ce = token_scores(cands, p)
     best = np.argmin(ce, axis=0)  # all-inf columns -> 0 (the first candidate's row)
-    fits = [_fit(c.ids, c.logprobs, p.k_out) for c in cands]
+    fits = [_fit(c.ids, c.logprobs, p.k_out, c.next_ids) for c in cands]
     ids = np.stack([f[0] for f in fits])[best, np.arange(T)]
     lps = np.stack([f[1] for f in fits])[best, np.arange(T)]
     aligned = np.isfinite(ce).any(axis=0) | cands[0].aligned
@@ -207,7 +242,12 @@ def avg_ce(cands: list[Candidate], p: FuseParams) -> Fused:
         ids.append(c.ids[live])
         probs.append(np.exp(c.logprobs[live].astype(np.float64)) * w[r])
     out_ids, out_lps, has = merge_topk(
-        np.concatenate(rows), np.concatenate(ids), np.concatenate(probs), T, p.k_out
+        np.concatenate(rows),
+        np.concatenate(ids),
+        np.concatenate(probs),
+        T,
+        p.k_out,
+        cands[0].next_ids,
     )
     aligned = np.zeros(T, dtype=bool)
     for c, w in zip(cands, w_tok, strict=True):

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from fusellm.align.runner import STAGE as ALIGN
 from fusellm.extract.runner import STAGE as EXTRACT
-from fusellm.fuse.core import Candidate, FuseParams, cumulative_nll, fuse
+from fusellm.fuse.core import Candidate, FuseParams, cumulative_nll, fuse, with_gold
 from fusellm.manifest import load_manifest, outputs_hash
 from fusellm.recipe import Recipe
 from fusellm.sharded import Rank, finish_if_complete, pending_shards, prepare_dir, sidecar_records
@@ -34,13 +34,19 @@ def candidate(d: DocDist, byte_end: np.ndarray | None = None) -> Candidate:
 
     Aligned shards carry the source's ``cum_nll`` and the target's ``byte_end``. The
     target's own extraction is aligned everywhere; its ``cum_nll`` comes from its own CE
-    over the byte ends that any aligned source's shard carries (``byte_end``)."""
-    aligned = d.aligned if d.aligned is not None else np.ones(len(d.input_ids), dtype=bool)
-    cum, end = d.cum_nll, d.byte_end
-    if cum is None and byte_end is not None:
-        end = np.asarray(byte_end, dtype=np.int64)
-        cum = cumulative_nll(d.ce, np.diff(end, prepend=0))
-    return Candidate(d.topk_ids, d.topk_logprobs.float().numpy(), aligned, d.ce, d.seq_ce, cum, end)
+    over the byte ends that any aligned source's shard carries (``byte_end``), and its
+    rows get the gold next token at its exact probability where the top-k lacks it (as
+    aligned rows do, :func:`align.project`)."""
+    nxt = np.append(d.input_ids[1:], -1).astype(np.int64)
+    ids, lps = d.topk_ids, d.topk_logprobs.float().numpy()
+    aligned, cum, end = d.aligned, d.cum_nll, d.byte_end
+    if aligned is None:  # the target's own extraction
+        aligned = np.ones(len(d.input_ids), dtype=bool)
+        ids, lps = with_gold(ids, lps, nxt, d.ce)
+        if byte_end is not None:
+            end = np.asarray(byte_end, dtype=np.int64)
+            cum = cumulative_nll(d.ce, np.diff(end, prepend=0))
+    return Candidate(ids, lps, aligned, d.ce, d.seq_ce, cum, end, nxt)
 
 
 def _inputs(recipe: Recipe, sources: list[str]) -> dict:
