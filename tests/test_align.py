@@ -435,9 +435,11 @@ def test_projection_of_the_sources_next_token_onto_the_targets():
     src_next = np.array([5, 5, 4, -1])  # row 2: the source's next token (4) is not in its top-k
     gold = np.log(np.array([0.5, np.nan, 0.05, 0.9]))  # row 0 full, row 1 unknown, row 2 added
     out_ids, out_lp, aligned, lost = project(ids, lps, id_map, src_pos, tgt_next, 4, src_next, gold)
-    p = lambda r: {
-        int(i): round(float(np.exp(v)), 6) for i, v in zip(out_ids[r], out_lp[r]) if np.isfinite(v)
-    }  # noqa: E731
+
+    def p(r):
+        pairs = zip(out_ids[r], out_lp[r], strict=True)
+        return {int(i): round(float(np.exp(v)), 6) for i, v in pairs if np.isfinite(v)}
+
     assert p(0) == {9: 0.5, 2: 0.3, 3: 0.1}  # the gold entry went to the target's next token
     assert p(1) == {2: 0.3, 3: 0.1} and abs(lost[1] - 0.5) < 1e-6  # unknown: dropped
     assert p(2) == {1: 0.5, 2: 0.3, 3: 0.1, 9: 0.05}  # added at its exact probability
@@ -475,9 +477,10 @@ def test_the_targets_next_token_gets_the_sources_probability_of_its_text(toks, p
         ce = np.append(-np.log(q[:-1]), np.nan).astype(np.float32)
         import torch
 
-        mk = lambda ids, off, top, lp, ce: DocDist(
-            "d", np.array(ids), off, top, torch.tensor(lp, dtype=torch.float32), ce
-        )  # noqa: E731
+        def mk(ids, off, top, lp, ce):
+            lp = torch.tensor(lp, dtype=torch.float32)
+            return DocDist("d", np.array(ids), off, top, lp, ce)
+
         src = mk(s_ids, s_off, top, lp, ce)
         tgt = mk(
             t_ids,
@@ -496,7 +499,7 @@ def test_the_targets_next_token_gets_the_sources_probability_of_its_text(toks, p
                 continue
             p_gold = sum(
                 np.exp(v)
-                for x, v in zip(d.topk_ids[j], d.topk_logprobs[j].float().numpy())
+                for x, v in zip(d.topk_ids[j], d.topk_logprobs[j].float().numpy(), strict=True)
                 if x == t_ids[j + 1] and np.isfinite(v)
             )
             if ss.end[i + 1] >= ts.end[j + 1]:

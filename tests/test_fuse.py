@@ -218,7 +218,7 @@ def assert_own_rows_with_gold(ids, lps, own: dict, gold: int | None, ce: float, 
     """A fused row equals a model's own top-k entries (``own``: id -> log-prob) with its
     gold next token added at ``-ce`` where they lacked it, displacing one of the least
     probable entries of a full row (ties in fp16 may pick either)."""
-    got = {int(i): float(v) for i, v in zip(ids, lps.float()) if v > -np.inf}
+    got = {int(i): float(v) for i, v in zip(ids, lps.float(), strict=True) if v > -np.inf}
     want = dict(own)
     if gold is not None and gold not in want:
         want[gold] = -float(ce)
@@ -241,7 +241,9 @@ def test_fusing_only_the_target_returns_its_extraction(ext_recipe):
         # its own rows, with the gold next token at its exact probability where the top-k
         # lacked it (it displaces the least probable entry)
         for j in range(len(t.input_ids)):
-            own = dict(zip(t.topk_ids[j].tolist(), t.topk_logprobs[j].float().tolist()))
+            own = dict(
+                zip(t.topk_ids[j].tolist(), t.topk_logprobs[j].float().tolist(), strict=True)
+            )
             gold = int(t.input_ids[j + 1]) if j + 1 < len(t.input_ids) else None
             assert_own_rows_with_gold(f.topk_ids[j], f.topk_logprobs[j], own, gold, t.ce[j])
 
@@ -266,11 +268,6 @@ def test_same_model_under_two_names_aligns_one_to_one(ext_recipe, tiny_models):
     real = set(AutoTokenizer.from_pretrained(tiny_models["llama_bpe"]).get_vocab().values())
     for x, y in zip(a, t, strict=True):
         for j in range(len(x.input_ids) - 1):
-            got = {
-                int(i): float(v)
-                for i, v in zip(x.topk_ids[j], x.topk_logprobs[j].float(), strict=True)
-                if v > -np.inf
-            }
             # the same entries, minus padded embedding rows (ids without a token never map),
             # plus the gold next token at its exact probability where the top-k lacked it
             want = {
