@@ -238,7 +238,7 @@ def test_alignment_of_real_tokenizations_is_byte_exact(real):
 
 def test_quickstart_end_to_end(tmp_path):
     """The README's main job on a reduced corpus and 8 items per task: every stage on the
-    real models, ending with a bench table of target vs CLM-only vs fused."""
+    real models, ending with a bench table of CLM-only vs target vs fused."""
     from fusellm.cli import main
     from fusellm.stages import NOT_BUILT_EXIT, STAGES
 
@@ -270,7 +270,7 @@ def test_quickstart_end_to_end(tmp_path):
     assert main(["verify", str(tmp_path)]) == 0
     assert any((tmp_path / "wandb").glob("offline-run-*"))
     res = json.loads((tmp_path / "bench" / "results.json").read_text())
-    assert res["models"] == ["target", "clm_only", "fused", "merge:ties", "evolve", "gemma3"]
+    assert res["models"] == ["clm_only", "target", "fused", "merge:ties", "evolve", "gemma3"]
     bpb = {
         r["model"]: r["value"] for r in res["rows"] if r["metric"] == "bpb" and r["group"] == "all"
     }
