@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -127,7 +128,10 @@ def test_gas_and_batch_size_do_not_change_loss_or_gradients(fused, tmp_path):
         out = t.train()
         res[(bs, gas)] = (out.training_loss, grab.grads)
     (l1, g1), (l8, g8) = res[(8, 1)], res[(1, 8)]
-    assert abs(l1 - l8) < 1e-6
+    # Packed blocks pad to the longest of each batch, so the two runs multiply matrices
+    # of different shapes, whose fp32 sums round differently in the last bits (a few
+    # ulps of the loss): equal to fp32 resolution, not bit for bit.
+    assert math.isclose(l1, l8, rel_tol=1e-6), (l1, l8)
     assert g1.keys() == g8.keys()
     for n in g1:
         assert torch.allclose(g1[n], g8[n], atol=1e-6, rtol=1e-5), n
