@@ -122,7 +122,15 @@ def _byte_spans_slow(data: bytes, text: str, pieces, offsets) -> Spans:
         for c in dict.fromkeys([cur, ws] + ([o[0]] if o is not None and o[0] >= cur else [])):
             if data.startswith(p, c):
                 w = len(p)
-            elif p[:1] == b" " and data.startswith(p[1:], c):
+            elif (
+                p[:1] == b" "
+                and p[1:2] != b" "
+                and (len(p) > 1 or cur == 0)
+                and data.startswith(p[1:], c)
+            ):
+                # one space the text does not have: a WordPiece word start or a dummy
+                # prefix. Not a space-only piece mid-text: SentencePiece reads a literal
+                # '▁' in the text as a space, so that token spells other bytes.
                 w = len(p) - 1
             else:
                 continue

@@ -322,6 +322,22 @@ def test_trailing_eos_never_shares_a_distribution(toks):
             assert a.src_pos[t_last] == s_last, (s_name, t_name, text)
 
 
+def test_a_literal_sentencepiece_space_mark_is_not_a_space():
+    """SentencePiece reads a literal '▁' in the text as a space: its token spells other
+    bytes than the text's and must stay unverified (it was taken for a space the text
+    does not have: Gemma's '▁▁' over ' ▁' verified as one byte, its context end wrong)."""
+    for text, pieces, offsets in [
+        ("a ▁b", [b"a", b"  ", b"b"], [[0, 1], [1, 3], [3, 4]]),
+        ("a▁b", [b"a", b" ", b"b"], [[0, 1], [1, 2], [2, 3]]),
+    ]:
+        sp = byte_spans(text, pieces, np.array(offsets))
+        assert sp.verified.tolist() == [True, False, True], text
+        assert sp.end[1] == sp.start[2] == len(text.encode()) - 1  # 'b' is the last byte
+    # the spaces a text really lacks still fit: a dummy prefix, a WordPiece word start
+    sp = byte_spans("x.hi", [b" ", b"x", b".", b" hi"], np.array([[0, 0], [0, 1], [1, 2], [2, 4]]))
+    assert sp.verified.all() and sp.end.tolist() == [0, 1, 2, 4]
+
+
 def test_offsets_that_contradict_the_tokens_are_not_trusted():
     text = "the ﬁne ﬂow"  # a normaliser (NFKC) turns the ligatures into 'fi', 'fl'
     pieces = [b"the", b" fine", b" flow"]
