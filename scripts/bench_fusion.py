@@ -1,6 +1,6 @@
 """Does fusion beat plain continued training, and why: arms trained alike, scored alike.
 
-    python scripts/bench_fusion.py                    # every arm (~1.5 h on 2 CPU cores)
+    python scripts/bench_fusion.py                    # every arm (~3 h on 2 CPU cores)
     python scripts/bench_fusion.py --arms default     # CLM-only vs the new default only
     python scripts/bench_fusion.py --arms paper,min_ed --base runs/quickstart
 
