@@ -21,7 +21,7 @@ document-level paired-bootstrap 95% intervals against CLM-only.
 Also measured, per arm, where the signal goes: from its fused shards, the share of
 target positions with a teacher distribution (vs the one-hot fallback), how often the
 fused top-1 is the gold next token, and the teacher's mean NLL of the gold next token at
-aligned positions (nats), next to the student's before training.
+aligned positions (nats).
 
 Outputs under ``--out`` (default ``runs/bench-fusion``): one run directory per arm
 (corpus and extraction hard-linked from the base run, stages shared between arms whose
@@ -91,6 +91,7 @@ ARMS: dict[str, list[str]] = {
     "sources_gemma3": ["fuse.sources=[gemma3]"],
 }
 SHARED = ("corpus", "extract")
+SPLITS = ("valid", "test")
 
 
 def log(msg: str) -> None:
@@ -149,8 +150,9 @@ def run_arm(args, arm: str, shared: dict[str, Path]) -> Path:
     return run_dir / stage / "model"
 
 
-def score(model_dir: Path | None, spec, corpus_dir: Path, split: str, name: str) -> dict:
-    """Per-document NLL and bytes of one model on a corpus split (bench's scorer)."""
+def score(model_dir: Path | None, spec, corpus_dir: Path, name: str) -> dict[str, dict]:
+    """Per-document NLL and bytes of one model on the valid and test splits (bench's
+    scorer; the model is loaded once for both)."""
     from fusellm.bench.config import BenchConfig
     from fusellm.bench.runner import score_task
     from fusellm.bench.score import LogProbModel
@@ -161,12 +163,15 @@ def score(model_dir: Path | None, spec, corpus_dir: Path, split: str, name: str)
     spec = spec or ModelSpec(path=str(model_dir))
     tok = load_tokenizer(spec, name)
     lpm = LogProbModel([load_model(spec, name)], [name])
-    return score_task(
-        lpm, tok, load_lm(corpus_dir, split, None, 0), BenchConfig(), f"{name} {split}"
-    )
+    return {
+        split: score_task(
+            lpm, tok, load_lm(corpus_dir, split, None, 0), BenchConfig(), f"{name} {split}"
+        )
+        for split in SPLITS
+    }
 
 
-def diagnostics(run_dir: Path, stage: str) -> dict:
+def diagnostics(run_dir: Path) -> dict:
     """Where the signal goes, from an arm's fused shards (train split)."""
     from fusellm.shards import iter_docs
 
@@ -265,11 +270,12 @@ def main() -> None:
     corpus_dir = args.base / "corpus"
     best_src = [s for s in base.sources if s != base.target]
     out = {"splits": {}, "arms": {}}
-    for split in ("valid", "test"):
-        rec = {a: score(m, None, corpus_dir, split, a) for a, m in models.items()}
-        rec["target"] = score(None, base.models[base.target], corpus_dir, split, base.target)
-        for s in best_src:
-            rec[s] = score(None, base.models[s], corpus_dir, split, s)
+    scores = {a: score(m, None, corpus_dir, a) for a, m in models.items()}
+    for name in [base.target, *best_src]:
+        key = "target" if name == base.target else name
+        scores[key] = score(None, base.models[name], corpus_dir, name)
+    for split in SPLITS:
+        rec = {m: s[split] for m, s in scores.items()}
         out["splits"][split] = paired(rec, "clm_only")
         (args.out / f"scores-{split}.json").write_text(json.dumps(rec))
     domains = {s: out["splits"][s] for s in out["splits"]}
@@ -277,9 +283,9 @@ def main() -> None:
     out["domains"] = domains
     for arm in arms:
         run_dir = args.out / "arms" / arm
-        row = {split: out["splits"][split][arm] for split in ("valid", "test")}
+        row = {split: out["splits"][split][arm] for split in SPLITS}
         if arm != "clm_only":
-            row["diagnostics"] = diagnostics(run_dir, "train")
+            row["diagnostics"] = diagnostics(run_dir)
         out["arms"][arm] = row
     test = out["splits"]["test"]
     best = min(best_src, key=lambda s: test[s]["value"]) if best_src else None
