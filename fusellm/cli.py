@@ -5,8 +5,11 @@
     fusellm show RECIPE [key=value ...]     print the resolved, validated recipe
     fusellm verify RUN_DIR                  re-hash every recorded file of every stage
 
-Exit codes: 0 done, 1 unexpected failure, 2 bad recipe/input/inputs changed,
-3 a requested stage is not built yet.
+Exit codes: 0 done, 1 unexpected failure, 2 bad recipe/input/inputs changed.
+
+Under a launcher (torchrun, ``accelerate launch``, deepspeed) every process runs the same
+command; see :mod:`fusellm.distributed` for how stages share the work and wait for each
+other.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
-from fusellm.stages import NOT_BUILT_EXIT, STAGES, StageNotBuilt
+from fusellm.stages import STAGES
 
 EPILOG = (
     "Overrides are dotted keys, e.g. run_dir=/scratch/run1 corpus.block_size=512 sources=[a,b]."
@@ -55,10 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
 
     for st in STAGES.values():
-        status = "" if st.built else f"  [not built yet: issue #{st.issue}]"
-        sp = sub.add_parser(
-            st.name, help=st.help + status, description=st.help + "." + status, epilog=EPILOG
-        )
+        sp = sub.add_parser(st.name, help=st.help, description=st.help + ".", epilog=EPILOG)
         _add_recipe_args(sp)
 
     p = sub.add_parser(
@@ -79,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_stages(recipe, names: list[str], force: bool, explicit: bool) -> None:
+    from fusellm import distributed
+
     log = logging.getLogger("fusellm")
+    distributed.setup()
     for name in names:
         st = STAGES[name]
         section = st.section_name
@@ -95,10 +99,15 @@ def _run_stages(recipe, names: list[str], force: bool, explicit: bool) -> None:
         if not explicit and not st.wanted(recipe):
             log.info("== stage %s: not listed in bench.models, skipped", name)
             continue
-        if not st.built:
-            raise StageNotBuilt(st)
         log.info("== stage %s", name)
-        st.load()(recipe, force=force)
+        run = st.load()
+        if st.ranks == "first":
+            distributed.on_rank0(lambda run=run: run(recipe, force=force) and None)
+        else:
+            run(recipe, force=force)
+        # No rank reads this stage's output before every rank has finished its share.
+        distributed.barrier()
+    distributed.teardown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     from fusellm.corpus.readers import CorpusInputError
+    from fusellm.distributed import OtherRankFailed
     from fusellm.manifest import CorruptArtifact, StageInputsChanged
     from fusellm.models import ModelLoadError
     from fusellm.recipe import RecipeError
@@ -160,9 +170,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _run_stages(recipe, [args.command], args.force, True)
         return 0
-    except StageNotBuilt as e:
-        print(f"fusellm: {e}", file=sys.stderr)
-        return NOT_BUILT_EXIT
     except (
         RecipeError,
         CorpusInputError,
@@ -172,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
         OSError,  # missing input, disk full, permissions: the message names the path
         FloatingPointError,  # train: a NaN/Inf loss or gradient, step and batch named
+        OtherRankFailed,  # rank 0 reported its own error
     ) as e:
         print(f"fusellm: error: {e}", file=sys.stderr)
         return 2
@@ -203,5 +211,19 @@ def _verify(run_dir: Path) -> int:
     return 1 if bad else 0
 
 
+def entry() -> None:
+    """The ``fusellm`` command. Under a launcher, the process ends with ``os._exit`` once
+    its output is flushed: every stage has finished and the process group is gone, but
+    threads of gloo/NCCL/DeepSpeed still alive at interpreter shutdown can abort a rank
+    ("terminate called without an active exception") after all its work is written."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

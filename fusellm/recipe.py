@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -26,14 +27,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
-from fusellm.align.config import AlignConfig
-from fusellm.bench.config import BenchConfig
-from fusellm.corpus.config import CorpusConfig
-from fusellm.extract.config import ExtractConfig
-from fusellm.fuse.config import FuseConfig
-from fusellm.merge.config import EvolveConfig, MergeSpec
+from fusellm.stages import load_attr, sections
 
 
 class RecipeError(ValueError):
@@ -73,14 +69,10 @@ class TrackingConfig(StrictModel):
     tags: list[str] = Field(default_factory=list)
 
 
-# Stages whose typed schema arrives with their implementation. Until then their section is
-# kept as an opaque mapping: it round-trips into manifests but is not validated, and the
-# stage refuses to run (see fusellm.stages).
-OpaqueSection = dict[str, Any]
-
-
-class Recipe(StrictModel):
-    """A whole fusion job. Every stage reads its own section plus the shared fields."""
+class RecipeBase(StrictModel):
+    """The fields every stage shares. :class:`Recipe` adds one field per stage section
+    (``corpus``, ``extract``, ... as the stage table names them), each validated into the
+    type the table gives for it (:func:`validate_tree`), or None when the recipe has none."""
 
     name: str
     run_dir: str
@@ -89,39 +81,6 @@ class Recipe(StrictModel):
     target: str
     sources: list[str] = Field(min_length=1)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    corpus: CorpusConfig | None = None
-    extract: ExtractConfig | None = None
-    align: AlignConfig | None = None
-    fuse: FuseConfig | None = None
-    train: OpaqueSection | None = None  # checked against FusionTrainingArguments
-    merge: dict[str, MergeSpec] | None = None  # name -> one merge
-    evolve: EvolveConfig | None = None
-    bench: BenchConfig | None = None
-
-    @model_validator(mode="after")
-    def _names_exist(self) -> Recipe:
-        known = sorted(self.models)
-        if self.target not in self.models:
-            raise ValueError(f"target: '{self.target}' is not one of models {known}")
-        for i, s in enumerate(self.sources):
-            if s not in self.models:
-                raise ValueError(f"sources.{i}: '{s}' is not one of models {known}")
-        if len(set(self.sources)) != len(self.sources):
-            raise ValueError(f"sources: duplicate names in {self.sources}")
-        lists = {
-            "corpus.fit_models": self.corpus.fit_models if self.corpus else None,
-            "extract.models": self.extract.models if self.extract else None,
-            "fuse.sources": self.fuse.sources if self.fuse else None,
-        }
-        for key, names in lists.items():
-            for i, m in enumerate(names or []):
-                if m not in self.models:
-                    raise ValueError(f"{key}.{i}: '{m}' is not one of models {known}")
-        if self.train is not None:
-            from fusellm.train.config import check_train_section
-
-            check_train_section(self.train)
-        return self
 
     @property
     def all_models(self) -> list[str]:
@@ -130,6 +89,37 @@ class Recipe(StrictModel):
 
     def stage_dir(self, stage: str) -> Path:
         return Path(self.run_dir) / stage
+
+
+Recipe = create_model(
+    "Recipe",
+    __base__=RecipeBase,
+    __doc__="A whole fusion job. Every stage reads its own section plus the shared fields.",
+    **{name: (Any, None) for name in sections()},
+)
+
+
+def _unknown_names(recipe: Recipe) -> list[tuple[str, str]]:
+    """(key, problem) for each model name the recipe uses that ``models:`` lacks."""
+    known = sorted(recipe.models)
+    out = []
+    if recipe.target not in recipe.models:
+        out.append(("target", f"'{recipe.target}' is not one of models {known}"))
+    for i, s in enumerate(recipe.sources):
+        if s not in recipe.models:
+            out.append((f"sources.{i}", f"'{s}' is not one of models {known}"))
+    if len(set(recipe.sources)) != len(recipe.sources):
+        out.append(("sources", f"duplicate names in {recipe.sources}"))
+    lists = {
+        "corpus.fit_models": recipe.corpus.fit_models if recipe.corpus else None,
+        "extract.models": recipe.extract.models if recipe.extract else None,
+        "fuse.sources": recipe.fuse.sources if recipe.fuse else None,
+    }
+    for key, names in lists.items():
+        for i, m in enumerate(names or []):
+            if m not in recipe.models:
+                out.append((f"{key}.{i}", f"'{m}' is not one of models {known}"))
+    return out
 
 
 # ---------------------------------------------------------------------------- YAML
@@ -339,15 +329,39 @@ def _deep_merge(base: dict, top: dict) -> dict:
 
 
 def validate_tree(tree: dict, source: str, overridden: set[str] = frozenset()) -> Recipe:
+    """The recipe tree as a :class:`Recipe`: shared fields first, then each stage section
+    through the type the stage table names, then the model names it uses. Every problem
+    found is reported at once, each under its dotted key."""
     try:
-        return Recipe.model_validate(tree)
+        recipe = Recipe.model_validate(tree)
     except ValidationError as e:
-        raise RecipeError(_format_validation(e, source, overridden)) from None
+        raise RecipeError(_format_errors(e.errors(), source, overridden)) from None
+    errors = []
+    for name, ref in sections().items():
+        value = getattr(recipe, name)
+        if value is None:
+            continue
+        check = load_attr(ref)  # a config type, or a function that validates the section
+        try:
+            if inspect.isfunction(check):
+                setattr(recipe, name, check(value))
+            else:
+                setattr(recipe, name, TypeAdapter(check).validate_python(value, strict=True))
+        except ValidationError as e:
+            errors += [{**err, "loc": (name, *err["loc"])} for err in e.errors()]
+    if not errors:
+        errors = [
+            {"loc": tuple(key.split(".")), "msg": msg, "type": "value_error"}
+            for key, msg in _unknown_names(recipe)
+        ]
+    if errors:
+        raise RecipeError(_format_errors(errors, source, overridden))
+    return recipe
 
 
-def _format_validation(e: ValidationError, source: str, overridden: set[str]) -> str:
+def _format_errors(errors: list[dict], source: str, overridden: set[str]) -> str:
     lines = []
-    for err in e.errors():
+    for err in errors:
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":

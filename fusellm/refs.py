@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fusellm.manifest import load_manifest
 from fusellm.recipe import ModelSpec, Recipe
+from fusellm.stages import CLM_ONLY, EVOLVE, MERGE, TRAIN
 
 REFS = "target, sources, fused, clm_only, merge:NAME, evolve"
 
@@ -20,13 +21,13 @@ REFS = "target, sources, fused, clm_only, merge:NAME, evolve"
 def output_dir(recipe: Recipe, ref: str) -> tuple[Path, str] | None:
     """(stage directory, stage label) of a pipeline-output reference, else None."""
     if ref == "fused":
-        return recipe.stage_dir("train"), "train"
+        return recipe.stage_dir(TRAIN), TRAIN
     if ref == "clm_only":
-        return recipe.stage_dir("clm_only"), "clm_only"
+        return recipe.stage_dir(CLM_ONLY), CLM_ONLY
     if ref.startswith("merge:"):
-        return recipe.stage_dir("merge") / ref[len("merge:") :], f"merge '{ref[6:]}'"
+        return recipe.stage_dir(MERGE) / ref[len("merge:") :], f"merge '{ref[6:]}'"
     if ref == "evolve":
-        return recipe.stage_dir("evolve"), "evolve"
+        return recipe.stage_dir(EVOLVE), EVOLVE
     return None
 
 

@@ -10,11 +10,10 @@ manifest.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
+from fusellm.distributed import Rank
 from fusellm.manifest import (
     FINGERPRINT,
     MANIFEST,
@@ -27,24 +26,6 @@ from fusellm.shards import shard_name, shard_problem, sidecar
 from fusellm.storage import atomic_write_json, read_json, remove_temp_files
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Rank:
-    rank: int
-    world: int
-    local: int
-
-    @classmethod
-    def from_env(cls) -> Rank:
-        """Ranks as set by torchrun, ``accelerate launch`` and the deepspeed launcher."""
-        env = os.environ
-        return cls(
-            int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
-        )
-
-    def owns(self, shard: int) -> bool:
-        return shard % self.world == self.rank
 
 
 def prepare_dir(

@@ -1,28 +1,42 @@
-"""The pipeline's stages, in order, by name. The CLI and ``fusellm run`` read this table.
+"""The pipeline's stages, in order: the one table that the CLI, ``fusellm run`` and recipe
+loading read.
 
-A stage's runner is imported lazily (``module:function``) so that ``fusellm --help`` does
-not import torch. A stage without a runner is not built yet: asking for it exits with
-:data:`NOT_BUILT_EXIT` and a message naming the issue that tracks it.
+A stage's name is also its directory under ``run_dir``. Its runner and the type that
+validates its recipe section are named as ``"module:attribute"`` and imported only when
+used, so ``fusellm --help`` imports neither torch nor any stage, and this module sits at
+the bottom of the import graph (every stage may import the names below).
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import Any
 
-NOT_BUILT_EXIT = 3
+CORPUS, EXTRACT, ALIGN, FUSE, TRAIN = "corpus", "extract", "align", "fuse", "train"
+CLM_ONLY, MERGE, EVOLVE, BENCH = "clm_only", "merge", "evolve", "bench"
+
+
+def load_attr(ref: str) -> Any:
+    """The object named by ``"package.module:attribute"``."""
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
     help: str
-    runner: str | None  # "module:function" taking (recipe, force) ; None = not built yet
-    issue: int
+    runner: str  # "module:function" taking (recipe, force)
+    config: str  # "module:attribute": the type its recipe section validates into
     section: str = ""  # the recipe section it reads (default: its name)
     # Run by `fusellm run` only when `bench.models` lists it (a baseline nobody compares
     # against is wasted compute); asking for the stage by name always runs it.
     on_demand: bool = False
+    # Under several processes: "all" ranks share the work; "first": rank 0 alone runs it
+    # (single-process work such as reading the corpus or merging weights) while the
+    # others wait for it to finish.
+    ranks: str = "all"
 
     @property
     def section_name(self) -> str:
@@ -34,82 +48,77 @@ class Stage:
         bench = getattr(recipe, "bench", None)
         return bench is not None and self.name in bench.models
 
-    @property
-    def built(self) -> bool:
-        return self.runner is not None
-
     def load(self):
-        module, fn = self.runner.split(":")
-        return getattr(importlib.import_module(module), fn)
+        return load_attr(self.runner)
 
 
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
         Stage(
-            "corpus",
+            CORPUS,
             "read text, split train/valid/test by document id, cut to fit every model's block",
             "fusellm.corpus.runner:run",
-            2,
+            "fusellm.corpus.config:CorpusConfig",
+            ranks="first",
         ),
         Stage(
-            "extract",
+            EXTRACT,
             "run each source model over the corpus and store top-k next-token log-probs",
             "fusellm.extract.runner:run",
-            3,
+            "fusellm.extract.config:ExtractConfig",
         ),
         Stage(
-            "align",
+            ALIGN,
             "map source distributions onto the target's tokens and vocabulary (MinED/EM)",
             "fusellm.align.runner:run",
-            4,
+            "fusellm.align.config:AlignConfig",
         ),
         Stage(
-            "fuse",
+            FUSE,
             "fuse aligned distributions per sequence/token (MinCE, AvgCE)",
             "fusellm.fuse.runner:run",
-            4,
+            "fusellm.fuse.config:FuseConfig",
         ),
         Stage(
-            "train",
+            TRAIN,
             "continue training the target on λ·CLM + (1−λ)·fusion loss",
             "fusellm.train.runner:run",
-            5,
+            "fusellm.train.config:TrainSection",
         ),
         Stage(
-            "clm_only",
+            CLM_ONLY,
             "the CLM-only baseline: the same training run with λ = 1 on the same tokens",
             "fusellm.train.runner:run_clm_only",
-            7,
-            section="train",
+            "fusellm.train.config:TrainSection",
+            section=TRAIN,
             on_demand=True,
         ),
         Stage(
-            "merge",
+            MERGE,
             "weight-merge same-architecture models with mergekit (baseline)",
             "fusellm.merge.runner:run",
-            6,
+            "fusellm.merge.config:MergeSection",
+            ranks="first",
         ),
         Stage(
-            "evolve",
+            EVOLVE,
             "CMA-ES search over merge weights/densities on dev bits per byte (baseline)",
             "fusellm.merge.runner:run_evolve",
-            6,
+            "fusellm.merge.config:EvolveConfig",
+            ranks="first",
         ),
         Stage(
-            "bench",
+            BENCH,
             "compare fused, CLM-only, merged models and sources (bits per byte, tasks)",
             "fusellm.bench.runner:run",
-            7,
+            "fusellm.bench.config:BenchConfig",
+            ranks="first",
         ),
     ]
 }
 
 
-class StageNotBuilt(RuntimeError):
-    def __init__(self, stage: Stage):
-        super().__init__(
-            f"stage '{stage.name}' is not built yet (tracked in issue #{stage.issue}); "
-            "nothing was run for it"
-        )
-        self.stage = stage
+def sections() -> dict[str, str]:
+    """Recipe section name -> the ``"module:attribute"`` type that validates it."""
+    return {st.section_name: st.config for st in STAGES.values()}

@@ -8,7 +8,8 @@ import sys
 import threading
 import time
 
-from fusellm.sharded import Rank, prepare_dir
+from fusellm.distributed import Rank
+from fusellm.sharded import prepare_dir
 from fusellm.storage import _HOST, TMP_MARK, atomic_write_json, remove_temp_files
 
 

@@ -71,10 +71,10 @@ def test_train_stage_saves_a_loadable_model(fused):
 
 
 def make_trainer(recipe_path: Path, out: Path, callbacks=(), **over):
-    from fusellm.fuse.runner import STAGE
     from fusellm.manifest import load_manifest
     from fusellm.models import load_model
     from fusellm.sharded import shard_paths
+    from fusellm.stages import FUSE as STAGE
     from fusellm.train.data import FusedBlocks, collate
     from fusellm.train.runner import build_args
     from fusellm.train.trainer import CompletionMarker, FusionTrainer, NonFiniteGradStop
@@ -340,10 +340,10 @@ def test_student_sees_the_teachers_context_at_every_position(ext_recipe):
     training, at the stored top-k ids of its training blocks, equal the stored ones at
     every position: block edges and document starts included (documents packed with
     attention that never crosses one, positions restarting, no document cut)."""
-    from fusellm.fuse.runner import STAGE
     from fusellm.manifest import load_manifest
     from fusellm.models import load_model
     from fusellm.sharded import shard_paths
+    from fusellm.stages import FUSE as STAGE
     from fusellm.train.data import FusedBlocks, collate
     from fusellm.train.trainer import student_forward
 

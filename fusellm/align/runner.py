@@ -12,23 +12,24 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from align import vocab_map
 from align.vocab import is_text
 from fusellm.align.core import align_doc, first_tokens, tokenizer_vocab
-from fusellm.corpus.runner import STAGE as CORPUS
-from fusellm.extract.runner import STAGE as EXTRACT
+from fusellm.distributed import Rank, any_rank, on_rank0
 from fusellm.extract.runner import shard_documents
 from fusellm.manifest import load_manifest, outputs_hash
 from fusellm.models import load_tokenizer
 from fusellm.recipe import Recipe
-from fusellm.sharded import Rank, finish_if_complete, pending_shards, prepare_dir, sidecar_records
+from fusellm.sharded import finish_if_complete, pending_shards, prepare_dir, sidecar_records
 from fusellm.shards import encode_shard, read_metadata, read_shard, shard_name, write_shard
+from fusellm.stages import ALIGN, CORPUS, EXTRACT
 from fusellm.tracking import start_run
 
 log = logging.getLogger(__name__)
-STAGE = "align"
+STAGE = ALIGN
 
 
 def _vocab_size(shard) -> int:
@@ -49,9 +50,17 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, dict | None]:
     return out
 
 
-def _vocab(recipe: Recipe, name: str, vocab_size: int):
-    tok = load_tokenizer(recipe.models[name], name)
-    return tok, tokenizer_vocab(tok, vocab_size)
+def _vocabs(recipe: Recipe, src: str, s_man: dict):
+    """(source vocabulary, target tokenizer, target vocabulary), sized as the models'
+    embeddings were at extraction (the shards record it)."""
+    split = next(iter(s_man["stats"]["shards"]))
+    out = []
+    for name in (src, recipe.target):
+        tok = load_tokenizer(recipe.models[name], name)
+        rows = _vocab_size(recipe.stage_dir(EXTRACT) / name / split / shard_name(0))
+        out.append((tok, tokenizer_vocab(tok, rows)))
+    (_, src_vocab), (tgt_tok, tgt_vocab) = out
+    return src_vocab, tgt_tok, tgt_vocab
 
 
 def _run_source(recipe, cfg, src, t_man, rank, force) -> dict | None:
@@ -74,8 +83,14 @@ def _run_source(recipe, cfg, src, t_man, rank, force) -> dict | None:
     prepare_dir(path, fingerprint, force, rank, label)
     plan = dict(s_man["stats"]["shards"])
     todo = pending_shards(path, plan, rank, label)
-    if todo:
-        _compute(recipe, cfg, src, path, todo, s_man, t_man, k_out, fingerprint, rank)
+    # One process builds the vocabulary map (minutes for MinED at 7B vocabularies); the
+    # others take it from rank 0 instead of all building the same map at once.
+    if any_rank(bool(todo)):
+        src_vocab, tgt_tok, tgt_vocab = _vocabs(recipe, src, s_man)
+        id_map = on_rank0(lambda: _vocab_map(recipe, cfg, src, src_vocab, tgt_tok, tgt_vocab))
+        if todo:
+            vocabs = (src_vocab, tgt_vocab)
+            _compute(recipe, cfg, src, path, todo, vocabs, id_map, k_out, fingerprint, rank)
 
     def stats() -> dict:
         recs = sidecar_records(path, plan)
@@ -106,15 +121,10 @@ def _run_source(recipe, cfg, src, t_man, rank, force) -> dict | None:
     return man
 
 
-def _compute(recipe, cfg, src, path, todo, s_man, t_man, k_out, fingerprint, rank) -> None:
-    target = recipe.target
-    s_dir, t_dir = recipe.stage_dir(EXTRACT) / src, recipe.stage_dir(EXTRACT) / target
-    first = next(iter(todo))
-    v_src = _vocab_size(s_dir / first / shard_name(0))
-    v_tgt = _vocab_size(t_dir / first / shard_name(0))
+def _vocab_map(recipe, cfg, src, src_vocab, tgt_tok, tgt_vocab) -> np.ndarray:
+    """Source id -> target id (int32, -1 unmapped) for ``cfg.vocab_method``, cached under
+    ``align/maps``."""
     t0 = time.time()
-    _, src_vocab = _vocab(recipe, src, v_src)
-    tgt_tok, tgt_vocab = _vocab(recipe, target, v_tgt)
     first_ids = (
         first_tokens(tgt_tok, tgt_vocab.canon, src_vocab.canon)
         if cfg.vocab_method == "next_token"
@@ -128,7 +138,6 @@ def _compute(recipe, cfg, src, path, todo, s_man, t_man, k_out, fingerprint, ran
         first=first_ids,
         max_distance=cfg.max_distance,
     )
-    map_s = time.time() - t0
     text = [is_text(c) for c in src_vocab.canon]
     exact = [
         t and m >= 0 and c == tgt_vocab.canon[m]
@@ -138,12 +147,20 @@ def _compute(recipe, cfg, src, path, todo, s_man, t_man, k_out, fingerprint, ran
         "%s: %s vocabulary map %d -> %d ids in %.1fs (%.1f%% of text tokens exact, %.1f%% unmapped)",
         f"align[{src}]",
         cfg.vocab_method,
-        v_src,
-        v_tgt,
-        map_s,
+        len(src_vocab),
+        len(tgt_vocab),
+        time.time() - t0,
         100 * sum(exact) / max(sum(text), 1),
         100 * sum(t and m < 0 for t, m in zip(text, id_map, strict=True)) / max(sum(text), 1),
     )
+    return id_map
+
+
+def _compute(recipe, cfg, src, path, todo, vocabs, id_map, k_out, fingerprint, rank) -> None:
+    target = recipe.target
+    s_dir, t_dir = recipe.stage_dir(EXTRACT) / src, recipe.stage_dir(EXTRACT) / target
+    src_vocab, tgt_vocab = vocabs
+    t0 = time.time()
     corpus_dir = recipe.stage_dir(CORPUS)
     dps = recipe.extract.docs_per_shard
     with (
@@ -188,7 +205,7 @@ def _compute(recipe, cfg, src, path, todo, s_man, t_man, k_out, fingerprint, ran
                 n = sum(len(d.input_ids) for d in out)
                 n_al = int(sum(d.aligned.sum() for d in out))
                 data = encode_shard(
-                    out, v_tgt, {"source": src, "target": target, "top_k": str(k_out)}
+                    out, len(tgt_vocab), {"source": src, "target": target, "top_k": str(k_out)}
                 )
                 write_shard(
                     path / split / shard_name(i),
@@ -204,7 +221,6 @@ def _compute(recipe, cfg, src, path, todo, s_man, t_man, k_out, fingerprint, ran
             {
                 "tokens": tot_tok,
                 "aligned_fraction": tot_al / max(tot_tok, 1),
-                "vocab_map_seconds": round(map_s, 2),
                 "seconds": round(time.time() - t0, 2),
             }
         )

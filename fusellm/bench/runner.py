@@ -41,11 +41,12 @@ from fusellm.models import (
 )
 from fusellm.recipe import ModelSpec, Recipe, config_hash
 from fusellm.refs import output_dir, resolve
+from fusellm.stages import BENCH, CORPUS
 from fusellm.storage import atomic_write_bytes, atomic_write_json, read_json
 from fusellm.tracking import start_run
 
 log = logging.getLogger(__name__)
-STAGE = "bench"
+STAGE = BENCH
 RESULTS = ["results.json", "results.csv", "results.md", "results.png"]
 
 
@@ -135,7 +136,7 @@ def _slug(s: str) -> str:
 
 
 def load_tasks(recipe: Recipe, cfg: BenchConfig) -> list[Task]:
-    corpus_dir = recipe.stage_dir("corpus")
+    corpus_dir = recipe.stage_dir(CORPUS)
     exclude = ""
     if cfg.decontaminate and any(t != LM for t in cfg.tasks):
         train = corpus_dir / "train.jsonl"

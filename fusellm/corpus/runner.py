@@ -39,11 +39,12 @@ from fusellm.models import (
     tokenizer_fingerprint,
 )
 from fusellm.recipe import Recipe
+from fusellm.stages import CORPUS
 from fusellm.storage import atomic_open, sha256_tree
 from fusellm.tracking import start_run
 
 log = logging.getLogger(__name__)
-STAGE = "corpus"
+STAGE = CORPUS
 
 
 def split_file(split: str) -> str:

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fusellm.corpus.runner import STAGE as CORPUS_STAGE
 from fusellm.corpus.runner import split_file
+from fusellm.distributed import Rank
 from fusellm.extract.config import CONTENT_FIELDS, ExtractConfig
 from fusellm.extract.core import TopKScorer, pad_batch, plan_batches
 from fusellm.manifest import load_manifest
@@ -50,12 +50,13 @@ from fusellm.models import (
     tokenizer_fingerprint,
 )
 from fusellm.recipe import Recipe
-from fusellm.sharded import Rank, finish_if_complete, pending_shards, prepare_dir, shard_paths
+from fusellm.sharded import finish_if_complete, pending_shards, prepare_dir, shard_paths
 from fusellm.shards import DocDist, encode_shard, shard_name, write_shard
+from fusellm.stages import CORPUS, EXTRACT
 from fusellm.tracking import start_run
 
 log = logging.getLogger(__name__)
-STAGE = "extract"
+STAGE = EXTRACT
 
 
 def model_dir(recipe: Recipe, name: str) -> Path:
@@ -172,8 +173,8 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, dict | None]:
     cfg = recipe.extract
     if cfg is None:
         raise ValueError("the recipe has no 'extract:' section")
-    corpus = load_manifest(recipe.stage_dir(CORPUS_STAGE), CORPUS_STAGE)
-    corpus_dir = recipe.stage_dir(CORPUS_STAGE)
+    corpus = load_manifest(recipe.stage_dir(CORPUS), CORPUS)
+    corpus_dir = recipe.stage_dir(CORPUS)
     rank = Rank.from_env()
     results = {}
     for name in cfg.models or recipe.all_models:

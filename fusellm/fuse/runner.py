@@ -16,17 +16,17 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from fusellm.align.runner import STAGE as ALIGN
-from fusellm.extract.runner import STAGE as EXTRACT
+from fusellm.distributed import Rank
 from fusellm.fuse.core import Candidate, FuseParams, cumulative_nll, fuse, with_gold
 from fusellm.manifest import load_manifest, outputs_hash
 from fusellm.recipe import Recipe
-from fusellm.sharded import Rank, finish_if_complete, pending_shards, prepare_dir, sidecar_records
+from fusellm.sharded import finish_if_complete, pending_shards, prepare_dir, sidecar_records
 from fusellm.shards import DocDist, encode_shard, read_shard, shard_name, write_shard
+from fusellm.stages import ALIGN, EXTRACT, FUSE
 from fusellm.tracking import start_run
 
 log = logging.getLogger(__name__)
-STAGE = "fuse"
+STAGE = FUSE
 
 
 def candidate(d: DocDist, byte_end: np.ndarray | None = None) -> Candidate:

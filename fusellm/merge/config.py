@@ -76,6 +76,10 @@ class MergeSpec(_Strict):
         return self
 
 
+MergeSection = dict[str, MergeSpec]
+"""The ``merge:`` section: merge name -> one merge."""
+
+
 class EvolveConfig(_Strict):
     """CMA-ES over a merge's per-model weights (and densities), Akiba et al. 2024.
 

@@ -31,6 +31,7 @@ from fusellm.models import (
 )
 from fusellm.recipe import ModelSpec, Recipe
 from fusellm.refs import resolve
+from fusellm.stages import CORPUS, EVOLVE, MERGE
 from fusellm.storage import atomic_dir, atomic_write_bytes, atomic_write_json
 from fusellm.tracking import start_run
 
@@ -129,7 +130,7 @@ def merge_one(recipe: Recipe, name: str, spec: MergeSpec, force: bool) -> dict |
     refs = ([base] if base else []) + [m.model for m in spec.models]
     found, ids = _resolve_inputs(recipe, refs, f"{where}.models")
     fp = {"spec": spec.model_dump(mode="json", by_alias=True), "inputs": ids}
-    sd = StageDir(f"merge '{name}'", recipe.stage_dir("merge") / name, fp)
+    sd = StageDir(f"merge '{name}'", recipe.stage_dir(MERGE) / name, fp)
     if not sd.prepare(force):
         log.info("merge %s: complete and unchanged (skipped)", name)
         return None
@@ -188,7 +189,7 @@ def _dev_units(recipe: Recipe, cfg: EvolveConfig, tok):
     from fusellm.bench.score import document_units
     from fusellm.bench.tasks import load_lm
 
-    task = load_lm(recipe.stage_dir("corpus"), cfg.split, cfg.max_docs, cfg.seed)
+    task = load_lm(recipe.stage_dir(CORPUS), cfg.split, cfg.max_docs, cfg.seed)
     units = [u for it in task.items for u in document_units(tok, it.requests[0][1], cfg.max_length)]
     nbytes = sum(len(it.requests[0][1].encode("utf-8")) for it in task.items)
     if not nbytes:
@@ -258,7 +259,7 @@ def run_evolve(recipe: Recipe, force: bool = False) -> dict | None:
     fp = {"config": cfg.model_dump(mode="json"), "inputs": ids}
     # generations may grow without invalidating finished ones: a longer search continues
     fp["config"].pop("generations")
-    sd = StageDir("evolve", recipe.stage_dir("evolve"), fp)
+    sd = StageDir("evolve", recipe.stage_dir(EVOLVE), fp)
     state_path = sd.path / SEARCH_STATE
     if not sd.prepare(force):
         from fusellm.storage import read_json

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
+from pydantic import ValidationError
 from transformers import TrainingArguments
 
 # Set by the runner from the recipe/run_dir, not by the train: section.
@@ -62,18 +64,32 @@ class FusionTrainingArguments(TrainingArguments):
 
 
 _SIMPLE = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+_FUSION_FIELDS = (
+    "lm_weight",
+    "teacher_temperature",
+    "fusion_loss",
+    "tail",
+    "block_size",
+    "packing",
+)
 
 
-def check_train_section(section: dict) -> None:
-    """Fail at recipe load on unknown keys, simple type errors and bad fusion values of the
-    ``train:`` section. (The full ``TrainingArguments`` is built by the runner: its checks
-    depend on the machine, e.g. bf16 needs a GPU, and a recipe must load anywhere.)"""
+def TrainSection(section: Any) -> dict[str, Any]:  # noqa: N802 - named as the type it checks
+    """Validate the ``train:`` section at recipe load: unknown keys, simple type errors and
+    bad fusion values, each reported under its key (a pydantic ``ValidationError``). The
+    full ``TrainingArguments`` is built by the runner: its checks depend on the machine
+    (bf16 needs a GPU, for example) and a recipe must load anywhere."""
+    if not isinstance(section, dict):
+        raise _errors([((), f"expected a mapping of TrainingArguments fields, got {section!r}")])
     fields = {f.name: f for f in dataclasses.fields(FusionTrainingArguments)}
+    problems: list[tuple[tuple, str]] = []
     for key, value in section.items():
         if key not in fields:
-            raise ValueError(f"train.{key}: unknown key (not a TrainingArguments or fusion field)")
+            problems.append(((key,), "unknown key (not a TrainingArguments or fusion field)"))
+            continue
         if key in RUNNER_OWNED:
-            raise ValueError(f"train.{key}: set by fusellm from run_dir and tracking; remove it")
+            problems.append(((key,), "set by fusellm from run_dir and tracking; remove it"))
+            continue
         ann = (
             fields[key].type
             if isinstance(fields[key].type, str)
@@ -85,31 +101,35 @@ def check_train_section(section: dict) -> None:
             and value is not None
             and (not isinstance(value, ok) or (ann != "bool" and isinstance(value, bool)))
         ):
-            raise ValueError(f"train.{key}: expected {ann}, got {value!r}")
-    ds = section.get("deepspeed")
-    if isinstance(ds, str):
-        _check_deepspeed_json(ds)
-    probe = {
-        k: section[k]
-        for k in (
-            "lm_weight",
-            "teacher_temperature",
-            "fusion_loss",
-            "tail",
-            "block_size",
-            "packing",
-        )
-        if k in section
-    }
-    try:
-        FusionTrainingArguments(
-            output_dir="/nonexistent-fusellm-check", report_to=[], use_cpu=True, **probe
-        )
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"train: {e}") from None
+            problems.append(((key,), f"expected {ann}, got {value!r}"))
+    if isinstance(section.get("deepspeed"), str) and (
+        why := _deepspeed_json_problem(section["deepspeed"])
+    ):
+        problems.append((("deepspeed",), why))
+    if not problems:
+        probe = {k: section[k] for k in _FUSION_FIELDS if k in section}
+        try:
+            FusionTrainingArguments(
+                output_dir="/nonexistent-fusellm-check", report_to=[], use_cpu=True, **probe
+            )
+        except (TypeError, ValueError) as e:
+            problems.append(((), str(e)))
+    if problems:
+        raise _errors(problems)
+    return section
 
 
-def _check_deepspeed_json(path: str) -> None:
+def _errors(problems: list[tuple[tuple, str]]) -> ValidationError:
+    return ValidationError.from_exception_data(
+        "train",
+        [
+            {"type": "value_error", "loc": loc, "input": None, "ctx": {"error": ValueError(msg)}}
+            for loc, msg in problems
+        ],
+    )
+
+
+def _deepspeed_json_problem(path: str) -> str | None:
     """A DeepSpeed ``scheduler`` block would silently replace the recipe's schedule (the
     reference FuseLLM's WarmupDecayLR did): refuse it."""
     import json
@@ -117,13 +137,14 @@ def _check_deepspeed_json(path: str) -> None:
 
     p = Path(path)
     if not p.exists():
-        raise ValueError(f"train.deepspeed: no such file {path}")
+        return f"no such file {path}"
     try:
         cfg = json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"train.deepspeed: {path} is not valid JSON ({e})") from None
+        return f"{path} is not valid JSON ({e})"
     if "scheduler" in cfg:
-        raise ValueError(
-            f"train.deepspeed: {path} has a 'scheduler' block, which would override the recipe's "
+        return (
+            f"{path} has a 'scheduler' block, which would override the recipe's "
             "lr_scheduler_type/warmup_steps; remove it (see recipes/deepspeed/README.md)"
         )
+    return None

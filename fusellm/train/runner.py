@@ -14,7 +14,7 @@ import pickle
 import time
 from pathlib import Path
 
-from fusellm.fuse.runner import STAGE as FUSE
+from fusellm.distributed import on_rank0
 from fusellm.manifest import CorruptArtifact, StageDir, load_manifest, outputs_hash
 from fusellm.models import (
     check_positions,
@@ -26,12 +26,11 @@ from fusellm.models import (
 )
 from fusellm.recipe import Recipe
 from fusellm.sharded import shard_paths
+from fusellm.stages import CLM_ONLY, FUSE, TRAIN
 from fusellm.storage import write_failure_names
 from fusellm.tracking import start_run, wandb_env
 
 log = logging.getLogger(__name__)
-STAGE = "train"
-CLM_ONLY = "clm_only"
 
 
 def _rank0() -> bool:
@@ -41,7 +40,7 @@ def _rank0() -> bool:
 
 
 def build_args(
-    recipe: Recipe, output_dir: str, report_wandb: bool, stage: str = STAGE, **overrides
+    recipe: Recipe, output_dir: str, report_wandb: bool, stage: str = TRAIN, **overrides
 ):
     from fusellm.train.config import FusionTrainingArguments
 
@@ -57,7 +56,7 @@ def build_args(
 
 
 def run(recipe: Recipe, force: bool = False) -> dict | None:
-    return _run(recipe, force, STAGE, {})
+    return _run(recipe, force, TRAIN, {})
 
 
 def run_clm_only(recipe: Recipe, force: bool = False) -> dict | None:
@@ -89,13 +88,11 @@ def _run(recipe: Recipe, force: bool, stage: str, overrides: dict) -> dict | Non
         log.info("%s: %d process(es), device %s", stage, args.world_size, args.device)
         # Checkpoints are partial work that a rerun resumes: keep them unless inputs changed.
         ckpts = sd.path / "checkpoints"
-        todo = _on_rank0(
-            lambda: sd.prepare(force, can_regenerate=lambda old: _cannot_resave(old, ckpts)),
-            args.process_index == 0,
+        todo = on_rank0(
+            lambda: sd.prepare(force, can_regenerate=lambda old: _cannot_resave(old, ckpts))
         )
         if not todo:
             log.info("%s: complete and unchanged at %s (skipped)", stage, sd.path)
-            _teardown()
             return None
         with start_run(
             recipe, stage, {"train": config, **fingerprint}, enabled=_rank0()
@@ -105,9 +102,6 @@ def _run(recipe: Recipe, force: bool, stage: str, overrides: dict) -> dict | Non
             if sd.previous is not None:  # only re-saved from the final checkpoint
                 stats = {**sd.previous["stats"], "resaved_from_checkpoint": True}
             tracker.summary(stats)
-        # Not on failure: a barrier there would wait for ranks stuck elsewhere; the
-        # launcher stops them when this process exits non-zero.
-        _teardown()
     if args.process_index != 0:
         return None
     files = {
@@ -173,7 +167,7 @@ def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]
         callbacks=[NonFiniteGradStop(), CompletionMarker()],
     )
     ckpts = sd.path / "checkpoints"
-    resume = _on_rank0(lambda: _resume_point(ckpts), args.process_index == 0)
+    resume = on_rank0(lambda: _resume_point(ckpts))
     try:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except pickle.UnpicklingError as e:  # weights_only loading refused a file
@@ -242,34 +236,3 @@ def _resume_point(ckpts: Path) -> Path | None:
     if resume:
         log.info("train: resuming from %s", resume)
     return resume
-
-
-def _on_rank0(fn, is_rank0: bool):
-    """``fn()`` on rank 0 only, its result (or failure) shared with every rank."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return fn()
-    box: list = [None]
-    if is_rank0:
-        try:
-            box[0] = ("ok", fn())
-        except Exception as e:  # every rank must reach the broadcast, or they all hang
-            box[0] = ("error", e)
-    dist.broadcast_object_list(box, src=0)
-    status, value = box[0]
-    if status == "error":
-        if is_rank0:
-            raise value
-        raise RuntimeError(f"rank 0 failed: {value}")
-    return value
-
-
-def _teardown() -> None:
-    """Tear the process group down before interpreter exit: live gloo/ZeRO threads at exit
-    can abort the process after all work is done."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()

@@ -350,7 +350,7 @@ def test_padded_embedding_rows_are_stored_with_exact_logprobs_and_never_aligned(
     one: a source's aligned ids are always real target tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fusellm.align.runner import STAGE as ALIGN
+    from fusellm.stages import ALIGN
 
     ext_recipe.write_text(ext_recipe.read_text() + "align: {}\n")
     args = ["extract.models=[llama_bpe,neox_unigram]", "sources=[llama_bpe,neox_unigram]"]

@@ -169,10 +169,10 @@ def test_a_secret_interpolated_into_the_recipe_is_written_nowhere(
 
 def _trainer(recipe: Path, run_dir: Path, out: Path):
     """A FusionTrainer built the way the train stage builds it, optimizer created."""
-    from fusellm.fuse.runner import STAGE
     from fusellm.manifest import load_manifest
     from fusellm.models import load_model
     from fusellm.sharded import shard_paths
+    from fusellm.stages import FUSE as STAGE
     from fusellm.train.data import FusedBlocks, collate
     from fusellm.train.runner import build_args
     from fusellm.train.trainer import FusionTrainer
