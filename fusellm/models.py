@@ -3,8 +3,13 @@
 A :class:`~fusellm.recipe.ModelSpec` ``path`` can be
 
 * a local HF directory (``config.json`` + weights + tokenizer files);
-* a hub id (``org/name``): loaded through ``from_pretrained`` where the hub is reachable;
-  offline it fails with :class:`ModelLoadError` naming the model and suggesting a path;
+* a hub id (``org/name``): its ``revision`` (a branch, tag or commit; default ``main``) is
+  resolved to a commit sha once per process (through the hub where reachable, else from the
+  local HF cache's ``refs/``), recorded in the identity as ``hub:org/name@<sha>``, and every
+  load (model, tokenizer, config) asks for exactly that commit, so a branch that moves during
+  a run cannot mix commits, and a moved branch changes the identity (stages refuse to
+  resume). A revision that cannot be resolved, or a commit not in the cache offline, fails
+  with :class:`ModelLoadError` naming the model and suggesting a local path;
 * a ``.gguf`` file, or ``pkg:MODULE/file.gguf`` inside an installed package, or
   ``gguf-parts:MODULE`` for a package shipping a GGUF in parts (``MODULE.assemble``).
 
@@ -48,6 +53,7 @@ a ``ValueError``, so the CLI exits with 2; each names the model and the token or
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import json
@@ -93,7 +99,8 @@ class Located:
 
     kind: str  # "dir" | "hub" | "gguf"
     location: str  # directory, hub id, or gguf file path
-    identity: str  # what the model *is*: a content hash or hub id@revision
+    identity: str  # what the model *is*: a content hash or hub id@commit sha
+    revision: str | None = None  # hub: the commit sha every load asks for
 
 
 def locate(spec: ModelSpec, name: str) -> Located:
@@ -117,7 +124,33 @@ def locate(spec: ModelSpec, name: str) -> Located:
     # Hub ids are "name" or "org/name"; anything else that does not exist is a bad path.
     if p.startswith((PKG_PREFIX, "/", ".", "~")) or p.endswith(".gguf") or p.count("/") > 1:
         raise ModelLoadError(f"model '{name}': no such file or directory: {path}")
-    return Located("hub", p, f"hub:{p}@{spec.revision or 'main'}")
+    commit = _hub_commit(spec, name)
+    return Located("hub", p, f"hub:{p}@{commit}", commit)
+
+
+def _hub_commit(spec: ModelSpec, name: str) -> str:
+    """The commit sha that ``spec.revision`` (a branch, tag or sha; default branch when
+    unset) names now, resolved once per process: later loads in this process get the same
+    commit even if the branch moves meanwhile."""
+    from huggingface_hub import constants
+
+    try:
+        return _resolve_commit(spec.path, spec.revision, constants.HF_HUB_CACHE)
+    except Exception as e:
+        raise _hub_error(name, spec, f"revision '{spec.revision or 'main'}' of", e) from None
+
+
+@functools.cache
+def _resolve_commit(repo_id: str, revision: str | None, cache_dir: str) -> str:
+    # One `repo_info` call where the hub is reachable; with HF_HUB_OFFLINE or no network,
+    # the cache's refs/<revision> (written by every download); raises when neither knows
+    # it. A 40-hex sha is returned as is (from_pretrained then finds its snapshot or fails
+    # naming the model).
+    from huggingface_hub import constants, resolve_revision
+
+    return resolve_revision(
+        repo_id, revision=revision, cache_dir=cache_dir, local_files_only=constants.HF_HUB_OFFLINE
+    ).resolved
 
 
 def _cached_sha256(path: Path) -> str:
@@ -165,11 +198,12 @@ def _hub_error(name: str, spec: ModelSpec, what: str, e: Exception) -> ModelLoad
         os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
     )
     why = "HF_HUB_OFFLINE is set" if offline else "the hub is unreachable or the id is wrong"
+    rev = f" --revision {spec.revision}" if spec.revision else ""
     return ModelLoadError(
         f"model '{name}': cannot load {what} '{spec.path}' from the Hugging Face hub ({why}): "
         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
-        f"  Download it where the hub is reachable (e.g. `hf download {spec.path} --local-dir DIR`) "
-        f"and set models.{name}.path to that local directory."
+        f"  Download it where the hub is reachable (e.g. `hf download {spec.path}{rev} "
+        f"--local-dir DIR`) and set models.{name}.path to that local directory."
     )
 
 
@@ -223,14 +257,14 @@ def _convert_gguf(loc: Located, name: str, part: str) -> Path:
     return out
 
 
-def _from_pretrained(cls, spec: ModelSpec, name: str, part: str, **kwargs):
-    """``cls.from_pretrained`` on the resolved location, errors naming the model."""
-    loc = locate(spec, name)
+def _from_pretrained(cls, loc: Located, spec: ModelSpec, name: str, part: str, **kwargs):
+    """``cls.from_pretrained`` on the resolved location (a hub id at its pinned commit),
+    errors naming the model."""
     src = str(_convert_gguf(loc, name, part)) if loc.kind == "gguf" else loc.location
     try:
         return cls.from_pretrained(
             src,
-            revision=spec.revision if loc.kind == "hub" else None,
+            revision=loc.revision,
             trust_remote_code=spec.trust_remote_code,
             **kwargs,
         )
@@ -250,7 +284,8 @@ def load_tokenizer(spec: ModelSpec, name: str) -> PreTrainedTokenizerBase:
             path=spec.tokenizer, revision=spec.revision, trust_remote_code=spec.trust_remote_code
         )
         return load_tokenizer(sub, name)
-    tok = _from_pretrained(AutoTokenizer, spec, name, "tokenizer")
+    loc = locate(spec, name)
+    tok = _from_pretrained(AutoTokenizer, loc, spec, name, "tokenizer")
     if not getattr(tok, "is_fast", False):
         raise ModelLoadError(
             f"model '{name}': tokenizer {type(tok).__name__} is not a fast tokenizer; fusellm needs "
@@ -278,8 +313,9 @@ def load_model(spec: ModelSpec, name: str, device: str | torch.device = "cpu") -
     """A causal LM in eval mode on ``device``; GGUF files go through the conversion cache."""
     from transformers import AutoModelForCausalLM
 
+    loc = locate(spec, name)
     model = _from_pretrained(
-        AutoModelForCausalLM, spec, name, "model", dtype=resolve_dtype(spec, device)
+        AutoModelForCausalLM, loc, spec, name, "model", dtype=resolve_dtype(spec, device)
     )
     return model.to(device).eval()
 
@@ -310,7 +346,7 @@ def spec_max_positions(spec: ModelSpec, name: str) -> tuple[int, str] | None:
     """:func:`max_positions` from the model's config alone (no weights are loaded).
 
     None when the config is not at hand without heavy work (a GGUF model not converted
-    yet, an unreachable hub id): the model-loading stages check again.
+    yet, a hub commit whose config cannot be fetched): the model-loading stages check again.
     """
     loc = locate(spec, name)
     if loc.kind == "gguf":
@@ -325,7 +361,7 @@ def spec_max_positions(spec: ModelSpec, name: str) -> tuple[int, str] | None:
     try:
         cfg = AutoConfig.from_pretrained(
             src,
-            revision=spec.revision if loc.kind == "hub" else None,
+            revision=loc.revision,
             trust_remote_code=spec.trust_remote_code,
         )
     except Exception:  # the model load reports it, with the full story
