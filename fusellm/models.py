@@ -17,6 +17,10 @@ GGUF files are converted once (dequantised by transformers' GGUF loader, slow: 1
 2 min) into a plain HF directory under the cache (``$FUSELLM_CACHE``, default
 ``~/.cache/fusellm``) keyed by the file's sha256; later loads take well under a second.
 
+A fast tokenizer loaded from a directory that ships a SentencePiece model
+(``tokenizer.model``) is checked once against it (:func:`check_sentencepiece`): a converted
+fast tokenizer that encodes differently (OpenLLaMA's mishandles whitespace) is refused.
+
 ``trust_remote_code`` is passed only when the recipe sets it for that model. The
 vocabulary size is the number of rows of the model's output embedding
 (:func:`model_vocab_size`), never ``len(tokenizer)``: padded vocabularies (Qwen-style,
@@ -66,7 +70,7 @@ from typing import TYPE_CHECKING
 
 from fusellm.packages import PKG_PREFIX, resolve_pkg_path
 from fusellm.recipe import ModelSpec
-from fusellm.storage import atomic_write_bytes, sha256_file
+from fusellm.storage import atomic_write_bytes, atomic_write_json, sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -291,7 +295,115 @@ def load_tokenizer(spec: ModelSpec, name: str) -> PreTrainedTokenizerBase:
             f"model '{name}': tokenizer {type(tok).__name__} is not a fast tokenizer; fusellm needs "
             "character offsets (install `tokenizers` or provide tokenizer.json)"
         )
+    check_sentencepiece(tok, loc, name)
     return tok
+
+
+SP_CHECK_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "two  spaces, three   spaces and eight        spaces",
+    " one leading space",
+    "   three leading spaces",
+    "trailing spaces   ",
+    "line one\nline two\n\n\nafter blank lines\n",
+    "tabs\tand\t\ttwo tabs",
+    "digits 0123456789, 3.14159 and 1,000,000",
+    "日本語のテキストと中文文本",
+    "emoji 😀🚀 and 👩‍👩‍👧‍👦",
+    "def f(x):\n    if x:\n        return x  # comment\n\treturn None\n",
+)
+"""Texts on which a fast tokenizer must encode as its SentencePiece model does: the
+whitespace converters get wrong (runs, leading and trailing, newlines, tabs), digits, CJK,
+emoji and code."""
+
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "config.json",  # AutoTokenizer picks the class from it when tokenizer_config does not
+)
+
+
+def check_sentencepiece(tok: PreTrainedTokenizerBase, loc: Located, name: str) -> None:
+    """Refuse a fast tokenizer that encodes differently from the SentencePiece model
+    (``tokenizer.model``) shipped beside it.
+
+    The model was trained on SentencePiece's encoding; a fast tokenizer converted from it
+    can differ (OpenLLaMA's keeps the runs of spaces its SentencePiece model collapses), and
+    then every stage would feed the model token sequences it never saw. The ids of
+    :data:`SP_CHECK_TEXTS` (as :func:`encode` gives them) must equal SentencePiece's. A
+    passing verdict is memoised under the cache, keyed by the tokenizer files' hashes and
+    the library versions, so later loads cost a few ``stat`` calls.
+    """
+    sp_file = _sentencepiece_file(loc, name)
+    if sp_file is None:
+        return
+    memo = cache_root() / "tokenizer-check" / f"{_check_key(sp_file.parent)}.json"
+    if memo.exists():
+        return
+    import sentencepiece
+
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_file))
+    except (RuntimeError, OSError):  # a tiktoken vocabulary of that name: no reference
+        return
+    texts = list(SP_CHECK_TEXTS)
+    fast_ids = encode(tok, texts)["input_ids"]
+    for text, fast, ref in zip(texts, fast_ids, sp.encode(texts), strict=True):
+        if fast != ref:
+            raise ModelLoadError(
+                f"model '{name}': its fast tokenizer ({type(tok).__name__}) encodes differently "
+                f"from the SentencePiece model it ships ({sp_file}), which the model was "
+                f"trained with. On {text!r}:\n"
+                f"  fast tokenizer: {tok.convert_ids_to_tokens(fast)} {fast}\n"
+                f"  SentencePiece:  {[sp.id_to_piece(i) for i in ref]} {ref}\n"
+                f"  fusellm needs a fast tokenizer (character offsets) that encodes as the "
+                f"SentencePiece model does: set models.{name}.tokenizer to a directory whose "
+                "tokenizer.json does, with a tokenizer_config.json naming tokenizer_class "
+                "PreTrainedTokenizerFast (transformers' LlamaTokenizer class rebuilds the "
+                "pre-tokenizer instead of using tokenizer.json's)."
+            )
+    atomic_write_json(memo, {"model": name, "sentencepiece": str(sp_file), "same_ids": True})
+    log.info("model '%s': fast tokenizer encodes as %s (checked once)", name, sp_file)
+
+
+def _sentencepiece_file(loc: Located, name: str) -> Path | None:
+    """The ``tokenizer.model`` beside the model's tokenizer files, if it ships one."""
+    if loc.kind == "dir":
+        f = Path(loc.location) / "tokenizer.model"
+        return f if f.is_file() else None
+    if loc.kind == "hub":
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:  # from the pinned commit's snapshot; downloaded only where the hub is reachable
+            return Path(hf_hub_download(loc.location, "tokenizer.model", revision=loc.revision))
+        except EntryNotFoundError:  # not in the repo (or, offline, not in the cache)
+            return None
+        except Exception as e:
+            raise ModelLoadError(
+                f"model '{name}': cannot fetch tokenizer.model of '{loc.location}' at commit "
+                f"{loc.revision} to check its fast tokenizer: {type(e).__name__}: {e}"
+            ) from e
+    # A GGUF tokenizer is converted from the vocabulary inside the GGUF file: there is no
+    # SentencePiece model to compare it with, so GGUF models are not checked.
+    return None
+
+
+def _check_key(folder: Path) -> str:
+    """Hash of the tokenizer files in ``folder``, the library versions and the check texts."""
+    from importlib.metadata import version
+
+    h = hashlib.sha256()
+    for f in TOKENIZER_FILES:
+        if (folder / f).is_file():
+            h.update(f"{f}={_cached_sha256(folder / f)}\0".encode())
+    for pkg in ("transformers", "tokenizers", "sentencepiece"):
+        h.update(f"{pkg}={version(pkg)}\0".encode())
+    h.update("\0".join(SP_CHECK_TEXTS).encode())
+    return h.hexdigest()[:32]
 
 
 def resolve_dtype(spec: ModelSpec, device: str | torch.device = "cpu") -> torch.dtype:
