@@ -3,14 +3,23 @@
 A :class:`~fusellm.recipe.ModelSpec` ``path`` can be
 
 * a local HF directory (``config.json`` + weights + tokenizer files);
-* a hub id (``org/name``): loaded through ``from_pretrained`` where the hub is reachable;
-  offline it fails with :class:`ModelLoadError` naming the model and suggesting a path;
+* a hub id (``org/name``): its ``revision`` (a branch, tag or commit; default ``main``) is
+  resolved to a commit sha once per process (through the hub where reachable, else from the
+  local HF cache's ``refs/``), recorded in the identity as ``hub:org/name@<sha>``, and every
+  load (model, tokenizer, config) asks for exactly that commit, so a branch that moves during
+  a run cannot mix commits, and a moved branch changes the identity (stages refuse to
+  resume). A revision that cannot be resolved, or a commit not in the cache offline, fails
+  with :class:`ModelLoadError` naming the model and suggesting a local path;
 * a ``.gguf`` file, or ``pkg:MODULE/file.gguf`` inside an installed package, or
   ``gguf-parts:MODULE`` for a package shipping a GGUF in parts (``MODULE.assemble``).
 
 GGUF files are converted once (dequantised by transformers' GGUF loader, slow: 15 s to
 2 min) into a plain HF directory under the cache (``$FUSELLM_CACHE``, default
 ``~/.cache/fusellm``) keyed by the file's sha256; later loads take well under a second.
+
+A fast tokenizer loaded from a directory that ships a SentencePiece model
+(``tokenizer.model``) is checked once against it (:func:`check_sentencepiece`): a converted
+fast tokenizer that encodes differently (OpenLLaMA's mishandles whitespace) is refused.
 
 ``trust_remote_code`` is passed only when the recipe sets it for that model. The
 vocabulary size is the number of rows of the model's output embedding
@@ -48,6 +57,7 @@ a ``ValueError``, so the CLI exits with 2; each names the model and the token or
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import json
@@ -60,7 +70,7 @@ from typing import TYPE_CHECKING
 
 from fusellm.packages import PKG_PREFIX, resolve_pkg_path
 from fusellm.recipe import ModelSpec
-from fusellm.storage import atomic_write_bytes, sha256_file
+from fusellm.storage import atomic_write_bytes, atomic_write_json, sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -93,7 +103,8 @@ class Located:
 
     kind: str  # "dir" | "hub" | "gguf"
     location: str  # directory, hub id, or gguf file path
-    identity: str  # what the model *is*: a content hash or hub id@revision
+    identity: str  # what the model *is*: a content hash or hub id@commit sha
+    revision: str | None = None  # hub: the commit sha every load asks for
 
 
 def locate(spec: ModelSpec, name: str) -> Located:
@@ -117,7 +128,33 @@ def locate(spec: ModelSpec, name: str) -> Located:
     # Hub ids are "name" or "org/name"; anything else that does not exist is a bad path.
     if p.startswith((PKG_PREFIX, "/", ".", "~")) or p.endswith(".gguf") or p.count("/") > 1:
         raise ModelLoadError(f"model '{name}': no such file or directory: {path}")
-    return Located("hub", p, f"hub:{p}@{spec.revision or 'main'}")
+    commit = _hub_commit(spec, name)
+    return Located("hub", p, f"hub:{p}@{commit}", commit)
+
+
+def _hub_commit(spec: ModelSpec, name: str) -> str:
+    """The commit sha that ``spec.revision`` (a branch, tag or sha; default branch when
+    unset) names now, resolved once per process: later loads in this process get the same
+    commit even if the branch moves meanwhile."""
+    from huggingface_hub import constants
+
+    try:
+        return _resolve_commit(spec.path, spec.revision, constants.HF_HUB_CACHE)
+    except Exception as e:
+        raise _hub_error(name, spec, f"revision '{spec.revision or 'main'}' of", e) from None
+
+
+@functools.cache
+def _resolve_commit(repo_id: str, revision: str | None, cache_dir: str) -> str:
+    # One `repo_info` call where the hub is reachable; with HF_HUB_OFFLINE or no network,
+    # the cache's refs/<revision> (written by every download); raises when neither knows
+    # it. A 40-hex sha is returned as is (from_pretrained then finds its snapshot or fails
+    # naming the model).
+    from huggingface_hub import constants, resolve_revision
+
+    return resolve_revision(
+        repo_id, revision=revision, cache_dir=cache_dir, local_files_only=constants.HF_HUB_OFFLINE
+    ).resolved
 
 
 def _cached_sha256(path: Path) -> str:
@@ -165,11 +202,12 @@ def _hub_error(name: str, spec: ModelSpec, what: str, e: Exception) -> ModelLoad
         os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
     )
     why = "HF_HUB_OFFLINE is set" if offline else "the hub is unreachable or the id is wrong"
+    rev = f" --revision {spec.revision}" if spec.revision else ""
     return ModelLoadError(
         f"model '{name}': cannot load {what} '{spec.path}' from the Hugging Face hub ({why}): "
         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
-        f"  Download it where the hub is reachable (e.g. `hf download {spec.path} --local-dir DIR`) "
-        f"and set models.{name}.path to that local directory."
+        f"  Download it where the hub is reachable (e.g. `hf download {spec.path}{rev} "
+        f"--local-dir DIR`) and set models.{name}.path to that local directory."
     )
 
 
@@ -223,14 +261,14 @@ def _convert_gguf(loc: Located, name: str, part: str) -> Path:
     return out
 
 
-def _from_pretrained(cls, spec: ModelSpec, name: str, part: str, **kwargs):
-    """``cls.from_pretrained`` on the resolved location, errors naming the model."""
-    loc = locate(spec, name)
+def _from_pretrained(cls, loc: Located, spec: ModelSpec, name: str, part: str, **kwargs):
+    """``cls.from_pretrained`` on the resolved location (a hub id at its pinned commit),
+    errors naming the model."""
     src = str(_convert_gguf(loc, name, part)) if loc.kind == "gguf" else loc.location
     try:
         return cls.from_pretrained(
             src,
-            revision=spec.revision if loc.kind == "hub" else None,
+            revision=loc.revision,
             trust_remote_code=spec.trust_remote_code,
             **kwargs,
         )
@@ -250,13 +288,122 @@ def load_tokenizer(spec: ModelSpec, name: str) -> PreTrainedTokenizerBase:
             path=spec.tokenizer, revision=spec.revision, trust_remote_code=spec.trust_remote_code
         )
         return load_tokenizer(sub, name)
-    tok = _from_pretrained(AutoTokenizer, spec, name, "tokenizer")
+    loc = locate(spec, name)
+    tok = _from_pretrained(AutoTokenizer, loc, spec, name, "tokenizer")
     if not getattr(tok, "is_fast", False):
         raise ModelLoadError(
             f"model '{name}': tokenizer {type(tok).__name__} is not a fast tokenizer; fusellm needs "
             "character offsets (install `tokenizers` or provide tokenizer.json)"
         )
+    check_sentencepiece(tok, loc, name)
     return tok
+
+
+SP_CHECK_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "two  spaces, three   spaces and eight        spaces",
+    " one leading space",
+    "   three leading spaces",
+    "trailing spaces   ",
+    "line one\nline two\n\n\nafter blank lines\n",
+    "tabs\tand\t\ttwo tabs",
+    "digits 0123456789, 3.14159 and 1,000,000",
+    "日本語のテキストと中文文本",
+    "emoji 😀🚀 and 👩‍👩‍👧‍👦",
+    "def f(x):\n    if x:\n        return x  # comment\n\treturn None\n",
+)
+"""Texts on which a fast tokenizer must encode as its SentencePiece model does: the
+whitespace converters get wrong (runs, leading and trailing, newlines, tabs), digits, CJK,
+emoji and code."""
+
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "config.json",  # AutoTokenizer picks the class from it when tokenizer_config does not
+)
+
+
+def check_sentencepiece(tok: PreTrainedTokenizerBase, loc: Located, name: str) -> None:
+    """Refuse a fast tokenizer that encodes differently from the SentencePiece model
+    (``tokenizer.model``) shipped beside it.
+
+    The model was trained on SentencePiece's encoding; a fast tokenizer converted from it
+    can differ (OpenLLaMA's keeps the runs of spaces its SentencePiece model collapses), and
+    then every stage would feed the model token sequences it never saw. The ids of
+    :data:`SP_CHECK_TEXTS` (as :func:`encode` gives them) must equal SentencePiece's. A
+    passing verdict is memoised under the cache, keyed by the tokenizer files' hashes and
+    the library versions, so later loads cost a few ``stat`` calls.
+    """
+    sp_file = _sentencepiece_file(loc, name)
+    if sp_file is None:
+        return
+    memo = cache_root() / "tokenizer-check" / f"{_check_key(sp_file.parent)}.json"
+    if memo.exists():
+        return
+    import sentencepiece
+
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_file))
+    except (RuntimeError, OSError):  # a tiktoken vocabulary of that name: no reference
+        return
+    texts = list(SP_CHECK_TEXTS)
+    fast_ids = encode(tok, texts)["input_ids"]
+    for text, fast, ref in zip(texts, fast_ids, sp.encode(texts), strict=True):
+        if fast != ref:
+            raise ModelLoadError(
+                f"model '{name}': its fast tokenizer ({type(tok).__name__}) encodes differently "
+                f"from the SentencePiece model it ships ({sp_file}), which the model was "
+                f"trained with. On {text!r}:\n"
+                f"  fast tokenizer: {tok.convert_ids_to_tokens(fast)} {fast}\n"
+                f"  SentencePiece:  {[sp.id_to_piece(i) for i in ref]} {ref}\n"
+                f"  fusellm needs a fast tokenizer (character offsets) that encodes as the "
+                f"SentencePiece model does: set models.{name}.tokenizer to a directory whose "
+                "tokenizer.json does, with a tokenizer_config.json naming tokenizer_class "
+                "PreTrainedTokenizerFast (transformers' LlamaTokenizer class rebuilds the "
+                "pre-tokenizer instead of using tokenizer.json's)."
+            )
+    atomic_write_json(memo, {"model": name, "sentencepiece": str(sp_file), "same_ids": True})
+    log.info("model '%s': fast tokenizer encodes as %s (checked once)", name, sp_file)
+
+
+def _sentencepiece_file(loc: Located, name: str) -> Path | None:
+    """The ``tokenizer.model`` beside the model's tokenizer files, if it ships one."""
+    if loc.kind == "dir":
+        f = Path(loc.location) / "tokenizer.model"
+        return f if f.is_file() else None
+    if loc.kind == "hub":
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:  # from the pinned commit's snapshot; downloaded only where the hub is reachable
+            return Path(hf_hub_download(loc.location, "tokenizer.model", revision=loc.revision))
+        except EntryNotFoundError:  # not in the repo (or, offline, not in the cache)
+            return None
+        except Exception as e:
+            raise ModelLoadError(
+                f"model '{name}': cannot fetch tokenizer.model of '{loc.location}' at commit "
+                f"{loc.revision} to check its fast tokenizer: {type(e).__name__}: {e}"
+            ) from e
+    # A GGUF tokenizer is converted from the vocabulary inside the GGUF file: there is no
+    # SentencePiece model to compare it with, so GGUF models are not checked.
+    return None
+
+
+def _check_key(folder: Path) -> str:
+    """Hash of the tokenizer files in ``folder``, the library versions and the check texts."""
+    from importlib.metadata import version
+
+    h = hashlib.sha256()
+    for f in TOKENIZER_FILES:
+        if (folder / f).is_file():
+            h.update(f"{f}={_cached_sha256(folder / f)}\0".encode())
+    for pkg in ("transformers", "tokenizers", "sentencepiece"):
+        h.update(f"{pkg}={version(pkg)}\0".encode())
+    h.update("\0".join(SP_CHECK_TEXTS).encode())
+    return h.hexdigest()[:32]
 
 
 def resolve_dtype(spec: ModelSpec, device: str | torch.device = "cpu") -> torch.dtype:
@@ -278,8 +425,9 @@ def load_model(spec: ModelSpec, name: str, device: str | torch.device = "cpu") -
     """A causal LM in eval mode on ``device``; GGUF files go through the conversion cache."""
     from transformers import AutoModelForCausalLM
 
+    loc = locate(spec, name)
     model = _from_pretrained(
-        AutoModelForCausalLM, spec, name, "model", dtype=resolve_dtype(spec, device)
+        AutoModelForCausalLM, loc, spec, name, "model", dtype=resolve_dtype(spec, device)
     )
     return model.to(device).eval()
 
@@ -310,7 +458,7 @@ def spec_max_positions(spec: ModelSpec, name: str) -> tuple[int, str] | None:
     """:func:`max_positions` from the model's config alone (no weights are loaded).
 
     None when the config is not at hand without heavy work (a GGUF model not converted
-    yet, an unreachable hub id): the model-loading stages check again.
+    yet, a hub commit whose config cannot be fetched): the model-loading stages check again.
     """
     loc = locate(spec, name)
     if loc.kind == "gguf":
@@ -325,7 +473,7 @@ def spec_max_positions(spec: ModelSpec, name: str) -> tuple[int, str] | None:
     try:
         cfg = AutoConfig.from_pretrained(
             src,
-            revision=spec.revision if loc.kind == "hub" else None,
+            revision=loc.revision,
             trust_remote_code=spec.trust_remote_code,
         )
     except Exception:  # the model load reports it, with the full story

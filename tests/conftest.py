@@ -290,3 +290,47 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture()
+def hf_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face hub cache for this test (offline: the hub is never asked)."""
+    from huggingface_hub import constants
+
+    d = tmp_path / "hf-cache"
+    d.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(d))
+    # huggingface_hub and transformers read the cache folder from this constant at call time.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(d))
+    return d
+
+
+def hub_snapshot(cache: Path, repo_id: str, commit: str, src: Path, refs: tuple = ()) -> Path:
+    """Lay ``src``'s files out in the hub cache as huggingface_hub stores a download of
+    ``repo_id`` at ``commit``: blobs named by content hash, the commit's snapshot folder of
+    symlinks to them, and ``refs/<ref>`` files (branches, tags) naming the commit."""
+    import hashlib
+
+    from huggingface_hub.file_download import repo_folder_name
+
+    root = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+    snap = root / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (root / "blobs").mkdir(exist_ok=True)
+    for f in sorted(src.iterdir()):
+        data = f.read_bytes()
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    for ref in refs:
+        move_ref(cache, repo_id, ref, commit)
+    return snap
+
+
+def move_ref(cache: Path, repo_id: str, ref: str, commit: str) -> None:
+    """Point branch or tag ``ref`` of ``repo_id`` in the hub cache at ``commit``."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    f = cache / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / ref
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(commit)

@@ -99,8 +99,10 @@ def _num_layers(model) -> int:
 
 def _location(spec: ModelSpec, name: str) -> str:
     """Where mergekit can read a model: its HF directory (for a GGUF file, the directory
-    fusellm converts it into when loading it)."""
+    fusellm converts it into when loading it), or a hub id at its pinned commit."""
     loc = locate(spec, name)
+    if loc.kind == "hub":
+        return f"{loc.location}@{loc.revision}"  # mergekit's `path@revision`
     return str(converted_dir(loc, "model")) if loc.kind == "gguf" else loc.location
 
 
