@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-
 SECTIONS = """align: {vocab_method: min_ed}
 fuse: {method: min_ce}
 train:
