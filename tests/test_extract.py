@@ -316,3 +316,35 @@ extract: {{top_k: 4}}
         assert tok.decode(d.input_ids) in (text, text * 2)
     for u in document_units(tok, text, 64):
         assert not special & set(u.ids[1:])  # only the prefix token is special
+
+
+def test_bf16_model_logits_are_not_rounded_before_the_log_softmax(tiny_models):
+    """A bf16 model's stored log-probs and CE are those of its float32 head over its own
+    (bf16) hidden states: its logits of magnitude ~20 are not rounded to bf16 first
+    (which moves them by up to 0.06)."""
+    from transformers import AutoModelForCausalLM
+
+    from fusellm.extract.core import TopKScorer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama_bpe"]).eval()
+    with torch.no_grad():  # logits of magnitude ~20, where bf16's spacing is 0.125
+        model.lm_head.weight.mul_(4.0 / model.lm_head.weight.norm(dim=1, keepdim=True))
+    model = model.to(torch.bfloat16)
+    ids = torch.randint(3, 300, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    scorer = TopKScorer(model, k=8, head_chunk_tokens=5)
+    assert scorer.split_head
+    got = scorer(ids, mask)
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        ref = torch.log_softmax(hidden.float() @ model.lm_head.weight.float().T, -1)
+    assert ref.abs().max() > 10
+    for row, sc in enumerate(got):
+        n = int(mask[row].sum())
+        want = ref[row, :n].gather(1, sc.topk_ids.long())
+        assert torch.allclose(sc.topk_logprobs, want, atol=1e-4), (
+            (sc.topk_logprobs - want).abs().max()
+        )
+        gold = ref[row, torch.arange(n - 1), ids[row, 1:n]]
+        assert torch.allclose(sc.ce[:-1], -gold, atol=1e-4)

@@ -399,3 +399,74 @@ def test_block_never_cuts_a_document_and_unpackable_models_are_refused(fused, ti
     mpt = AutoModelForCausalLM.from_pretrained(tiny_models["mpt_bpe"])  # ignores position_ids
     with pytest.raises(PackingUnsupported, match="train.packing: none"):
         check_packing(mpt, batch)
+
+
+def test_chunked_head_trains_exactly_as_full_logits(fused, tmp_path):
+    """One step with the loss's output head in chunks of 3 positions gives the loss and
+    gradients of the unchunked loss (packed blocks, padding, unaligned rows included)."""
+    res = {}
+    for chunk in (0, 3):
+        grab = GradGrab()
+        t = make_trainer(
+            fused,
+            tmp_path / f"c{chunk}",
+            [grab],
+            per_device_train_batch_size=4,
+            max_steps=1,
+            max_grad_norm=0,
+            save_steps=100,
+            head_chunk_tokens=chunk,
+        )
+        assert t.chunk_tokens == chunk
+        res[chunk] = (t.train().training_loss, grab.grads)
+    (l0, g0), (l3, g3) = res[0], res[3]
+    assert math.isclose(l0, l3, rel_tol=1e-6), (l0, l3)
+    for n in g0:
+        assert torch.allclose(g0[n], g3[n], atol=1e-6, rtol=1e-5), n
+
+
+def test_chunked_head_refuses_logits_it_cannot_reproduce():
+    """Gemma's soft-capped logits are reproduced by the head; a model that transforms its
+    logits otherwise is refused before training on other logits than its own."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    from fusellm.heads import OutputHead
+    from fusellm.train.trainer import HeadMismatch, check_head
+
+    class Tempered(LlamaForCausalLM):  # divides its logits by 2 after the head
+        def forward(self, *a, **kw):
+            out = super().forward(*a, **kw)
+            out.logits = out.logits / 2
+            return out
+
+    ids = torch.randint(3, 90, (2, 12))
+    batch = {"input_ids": ids, "position_ids": torch.arange(12).repeat(2, 1)}
+    torch.manual_seed(0)
+    gemma = Gemma3ForCausalLM(
+        Gemma3TextConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            vocab_size=100,
+            final_logit_softcapping=0.5,  # small: the cap changes these logits a lot
+        )
+    )
+    head = OutputHead.of(gemma)
+    assert head.softcap == 0.5
+    check_head(gemma, head, batch, exact=True)
+    with pytest.raises(HeadMismatch, match="head_chunk_tokens: 0"):
+        check_head(gemma, OutputHead(gemma.lm_head), batch, exact=True)  # cap left out
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
+    tempered = Tempered(cfg)
+    with pytest.raises(HeadMismatch, match="Tempered"):
+        check_head(tempered, OutputHead.of(tempered), batch, exact=True)

@@ -145,7 +145,7 @@ def extract_shard(
     ):
         idx = [nonempty[j] for j in batch]
         ids, mask = pad_batch([seqs[i] for i in idx], pad)
-        dev = scorer.head.weight.device
+        dev = scorer.device
         for i, sc in zip(idx, scorer(ids.to(dev), mask.to(dev)), strict=True):
             out[i] = DocDist(
                 docs[i][0],

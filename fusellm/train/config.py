@@ -40,6 +40,13 @@ class FusionTrainingArguments(TrainingArguments):
     train_split: str = field(
         default="train", metadata={"help": "corpus split of the fused shards to train on"}
     )
+    head_chunk_tokens: int = field(
+        default=-1,
+        metadata={
+            "help": "positions per output-head chunk of the loss (never all [B, T, V] logits "
+            "at once); 0: unchunked; -1: chunked from a 65,536-row vocabulary up"
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -61,6 +68,10 @@ class FusionTrainingArguments(TrainingArguments):
             raise ValueError(f"packing must be one of {', '.join(PACKING)}, got '{self.packing}'")
         if self.block_size < 2:
             raise ValueError(f"block_size must be >= 2, got {self.block_size}")
+        if self.head_chunk_tokens < -1:
+            raise ValueError(
+                f"head_chunk_tokens must be -1 (auto), 0 (off) or a count, got {self.head_chunk_tokens}"
+            )
 
 
 _SIMPLE = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}

@@ -6,13 +6,21 @@ The fused distribution is stored as its top-k entries, so the fusion term gather
 student's log-probabilities at those k ids: ``[B, T, k]`` extra memory, never a dense
 ``[B, T, V]`` target. Both terms gather from the student's log-softmax, which the CLM
 term computes anyway.
+
+For large vocabularies even the student's ``[B, T, V]`` logits are too big (15 GB in fp32
+at B·T = 4,096 and V = 262,144, three times over with backward):
+:func:`chunked_fusion_loss_sums` applies the output head and the same loss to chunks of
+positions, recomputing each chunk's logits in backward, so at most one chunk's logits
+exist at a time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
 class GatherLogSoftmax(torch.autograd.Function):
@@ -121,3 +129,57 @@ def fusion_loss_sums(
     fallback = torch.where(valid & ~fused_mask, nll, 0.0).sum()
     total = lm_weight * clm + (1.0 - lm_weight) * (fusion + fallback)
     return LossSums(total, clm, fusion + fallback, valid.sum(), use.sum())
+
+
+def chunked_fusion_loss_sums(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    shift_labels: torch.Tensor,
+    fused_ids: torch.Tensor,
+    fused_logprobs: torch.Tensor,
+    fused_mask: torch.Tensor,
+    chunk_tokens: int,
+    **kw,
+) -> LossSums:
+    """:func:`fusion_loss_sums` of ``head(hidden)``, without ever holding the logits of
+    more than ``chunk_tokens`` positions.
+
+    Args:
+        hidden: ``[B, T, H]`` the student's final hidden states (any float dtype).
+        head: ``[n, H] -> [n, V]`` logits exactly as the model computes them
+            (:class:`fusellm.heads.OutputHead`); called as a module, so DeepSpeed ZeRO-3
+            gathers its weight for each call like any other layer's.
+        chunk_tokens: positions per chunk.
+        shift_labels, fused_ids, fused_logprobs, fused_mask, **kw: as for
+            :func:`fusion_loss_sums`.
+
+    Only positions with a label are projected (padding and document ends cost nothing).
+    Each chunk runs under activation checkpointing: its logits are freed after its loss
+    is summed and recomputed in backward, one chunk at a time (one more head matmul per
+    chunk than the unchunked loss, none of its ``[B, T, V]`` buffers). The sums equal the
+    unchunked ones up to float summation order.
+    """
+    valid = shift_labels != -100
+    h = hidden[valid]  # [N, H]
+    rows = [shift_labels[valid], fused_ids[valid], fused_logprobs[valid], fused_mask[valid]]
+
+    def chunk(h_c, labels, ids, lps, mask):
+        s = fusion_loss_sums(head(h_c)[None], labels[None], ids[None], lps[None], mask[None], **kw)
+        return torch.stack([s.total, s.clm, s.fusion])
+
+    parts = [
+        checkpoint(
+            chunk,
+            h[a : a + chunk_tokens],
+            *(r[a : a + chunk_tokens] for r in rows),
+            use_reentrant=False,
+            preserve_rng_state=False,  # the head has no dropout
+        )
+        for a in range(0, h.shape[0], chunk_tokens)
+    ]
+    if parts:
+        total, clm, fusion = torch.stack(parts).sum(0)
+    else:  # nothing to predict in this micro-batch: a zero that still reaches the model
+        total = clm = fusion = hidden.sum() * 0.0
+    n_fusion = (fused_mask & valid).sum()
+    return LossSums(total, clm, fusion, valid.sum(), n_fusion)

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from fusellm.heads import OutputHead, head_error, last_hidden, no_logits
 from fusellm.manifest import CHECKPOINT_COMPLETE, verify_files
 from fusellm.storage import atomic_write_json, file_record, write_failure_names
-from fusellm.train.loss import fusion_loss_sums
+from fusellm.train.loss import chunked_fusion_loss_sums, fusion_loss_sums
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,25 @@ COMPLETE = CHECKPOINT_COMPLETE
 
 class NonFiniteError(FloatingPointError):
     """Training hit a NaN/Inf loss or gradient; raised before any optimizer step uses it."""
+
+
+AUTO_CHUNK_VOCAB = 65_536  # chunk the loss's output head from this many rows up
+CHUNK_LOGIT_BYTES = 1 << 27  # fp32 logits per chunk when chunking automatically (128 MiB)
+
+
+def head_chunk_tokens(setting: int, vocab_rows: int) -> int:
+    """Positions per output-head chunk of the loss, 0 for the unchunked loss.
+
+    ``setting`` (``train.head_chunk_tokens``): a positive count; 0 never chunks; -1 (the
+    default) chunks vocabularies of :data:`AUTO_CHUNK_VOCAB` rows or more (Llama-3, Qwen,
+    Gemma; a [B, T, V] fp32 tensor of 2,048 positions there is 0.5-2 GB, kept three times
+    over in backward) into chunks of about :data:`CHUNK_LOGIT_BYTES` of fp32 logits, and
+    leaves smaller ones (Llama-2's 32k) to the faster unchunked loss."""
+    if setting >= 0:
+        return setting
+    if vocab_rows < AUTO_CHUNK_VOCAB:
+        return 0
+    return max(128, CHUNK_LOGIT_BYTES // (4 * vocab_rows))
 
 
 class FusionTrainer(Trainer):
@@ -42,26 +62,40 @@ class FusionTrainer(Trainer):
         self._terms_since = 0  # global step of the last log (the Trainer's own counter moves first)
         self._tokens = 0
         self._t_log = time.time()
-        self._packing_checked = False
+        self._checked = False
+        self.head = OutputHead.of(self.model)
+        self.chunk_tokens = head_chunk_tokens(self.args.head_chunk_tokens, self.head.rows)
+        if self.chunk_tokens:
+            log.info(
+                "train: loss over the %d-row output head in chunks of %d positions",
+                self.head.rows,
+                self.chunk_tokens,
+            )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
-        if "position_ids" in inputs and not self._packing_checked:
-            # every rank, on its first micro-batch
-            check_packing(model, inputs, exact=not (args.bf16 or args.fp16))
-            self._packing_checked = True
-        out = student_forward(model, inputs)
-        s = fusion_loss_sums(
-            out.logits,
-            inputs["shift_labels"],
-            inputs["fused_ids"],
-            inputs["fused_logprobs"],
-            inputs["fused_mask"],
-            args.lm_weight,
-            args.teacher_temperature,
-            args.tail,
-            args.fusion_loss,
+        if not self._checked:  # every rank, on its first micro-batch
+            exact = not (args.bf16 or args.fp16)
+            if "position_ids" in inputs:
+                check_packing(model, inputs, exact)
+            if self.chunk_tokens:
+                check_head(model, self.head, inputs, exact)
+            self._checked = True
+        targets = [inputs[k] for k in ("shift_labels", "fused_ids", "fused_logprobs", "fused_mask")]
+        terms = dict(
+            lm_weight=args.lm_weight,
+            temperature=args.teacher_temperature,
+            tail=args.tail,
+            kind=args.fusion_loss,
         )
+        if self.chunk_tokens:
+            out = student_forward(model, inputs, hidden=True)
+            s = chunked_fusion_loss_sums(
+                last_hidden(out), self.head, *targets, self.chunk_tokens, **terms
+            )
+        else:
+            out = student_forward(model, inputs)
+            s = fusion_loss_sums(out.logits, *targets, **terms)
         n = num_items_in_batch if num_items_in_batch is not None else s.n_clm
         n = torch.as_tensor(n, device=s.total.device).clamp(min=1)
         loss = s.total / n
@@ -104,27 +138,36 @@ class FusionTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def student_forward(model, inputs: dict[str, torch.Tensor]):
-    """The student's forward pass over a collated batch (``logits`` ``[B, L, V]``).
+def student_forward(model, inputs: dict[str, torch.Tensor], hidden: bool = False):
+    """The student's forward pass over a collated batch: its output with ``logits``
+    ``[B, L, V]``, or with ``hidden``, with no logits and ``hidden_states`` whose last entry
+    is the final hidden states ``[B, L, H]`` (for the chunked loss).
 
     Packed blocks (``position_ids`` present) go without an attention mask, so that
     transformers derives the document boundaries from the restarting positions: a
     block-causal mask for sdpa/eager. Flash attention reads them only from a single row,
     so there the batch is flattened to ``[1, B·L]`` (its varlen kernels then never cross a
-    document) and the logits are reshaped back.
+    document) and the outputs are reshaped back.
     """
-    if "position_ids" not in inputs:
-        return model(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
-        )
-    ids, pos = inputs["input_ids"], inputs["position_ids"]
+    ids = inputs["input_ids"]
+    kw: dict = {"use_cache": False}
+    if "position_ids" in inputs:
+        kw["position_ids"] = inputs["position_ids"]
+    else:
+        kw["attention_mask"] = inputs["attention_mask"]
     config = getattr(getattr(model, "module", model), "config", None)
-    if "flash" in str(getattr(config, "_attn_implementation", "")):
-        B, L = ids.shape
-        out = model(input_ids=ids.reshape(1, -1), position_ids=pos.reshape(1, -1), use_cache=False)
+    flat = "position_ids" in kw and "flash" in str(getattr(config, "_attn_implementation", ""))
+    B, L = ids.shape
+    if flat:
+        ids, kw["position_ids"] = ids.reshape(1, -1), kw["position_ids"].reshape(1, -1)
+    if hidden:
+        kw.update(logits_to_keep=no_logits(ids), output_hidden_states=True)
+    out = model(input_ids=ids, **kw)
+    if flat and hidden:
+        out.hidden_states = (out.hidden_states[-1].reshape(B, L, -1),)
+    elif flat:
         out.logits = out.logits.reshape(B, L, -1)
-        return out
-    return model(input_ids=ids, position_ids=pos, use_cache=False)
+    return out
 
 
 class PackingUnsupported(ValueError):
@@ -172,6 +215,34 @@ def check_packing(model, inputs: dict[str, torch.Tensor], exact: bool = True) ->
             f"(relative logit difference {err:.3g} from the documents run alone): it ignores "
             "position_ids for its attention mask. Set train.packing: none (one document per "
             "block)"
+        )
+
+
+class HeadMismatch(ValueError):
+    """The model post-processes its logits in a way :class:`fusellm.heads.OutputHead` does
+    not reproduce, so the chunked loss would train on other logits than the model's."""
+
+
+def check_head(model, head: OutputHead, inputs: dict[str, torch.Tensor], exact: bool) -> None:
+    """Refuse the chunked loss on a model whose logits ``head(hidden)`` does not reproduce
+    (checked on the first 64 positions of one row, in eval mode)."""
+    probe = {k: v[:1, :64] for k, v in inputs.items() if k in ("input_ids", "position_ids")}
+    if "position_ids" not in probe:
+        probe["attention_mask"] = inputs["attention_mask"][:1, :64]
+    was_training = model.training
+    model.eval()
+    try:
+        err = head_error(
+            model, head, probe, lambda x: last_hidden(student_forward(model, x, hidden=True))
+        )
+    finally:
+        model.train(was_training)
+    if err > (1e-4 if exact else 2e-2):
+        name = type(getattr(model, "module", model)).__name__
+        raise HeadMismatch(
+            f"train: {name}'s logits are not its output embedding's (relative difference "
+            f"{err:.3g}): it transforms them in a way fusellm does not reproduce, so the loss "
+            "cannot be computed in chunks. Set train.head_chunk_tokens: 0"
         )
 
 
