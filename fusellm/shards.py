@@ -245,6 +245,44 @@ def read_shard(path: Path, verify: bool = True) -> tuple[list[DocDist], dict[str
     return decode_shard(path.read_bytes())
 
 
+class RowReader:
+    """Rows of one shard read in place: only the bytes of the rows asked for are read
+    (safetensors slices of a memory-mapped file), nothing is decoded beyond them.
+
+    For random access into thousands of shards (shuffled training): decoding a whole shard
+    to use one document of it costs the shard's size per document. The caller checks the
+    shard's integrity first (:func:`shard_problem`). Not shared across processes: a
+    dataloader worker opens its own (see :meth:`rows`).
+    """
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = path
+        self._f = safe_open(str(path), framework="pt")
+        self.doc_offsets = self._f.get_tensor("doc_offsets").numpy()  # int64 [D+1]
+        self.doc_ids: list[str] = json.loads(self._f.metadata()["doc_ids"])
+        self.fields = set(self._f.keys())
+        self.k = int(self._f.get_slice("topk_logprobs").get_shape()[1])
+
+    def rows(self, a: int, b: int) -> dict[str, np.ndarray]:
+        """Token rows ``[a, b)``: ``input_ids`` int64 ``[n]``, ``topk_ids`` int64 ``[n, k]``,
+        ``topk_logprobs`` float32 ``[n, k]``, ``aligned`` bool ``[n]`` (all True for a
+        shard without the field: an extraction)."""
+        f = self._f
+        out = {
+            "input_ids": unpack_ids(f.get_slice("input_ids")[a:b].numpy()).astype(np.int64),
+            "topk_ids": unpack_ids(f.get_slice("topk_ids")[a:b].numpy()).astype(np.int64),
+            "topk_logprobs": f.get_slice("topk_logprobs")[a:b].float().numpy(),
+        }
+        out["aligned"] = (
+            f.get_slice("aligned")[a:b].numpy().astype(bool)
+            if "aligned" in self.fields
+            else np.ones(b - a, dtype=bool)
+        )
+        return out
+
+
 def iter_docs(shards: list[Path], verify: bool = True) -> Iterator[DocDist]:
     """Stream documents of a shard range; memory is bounded by one shard."""
     for p in shards:

@@ -12,6 +12,13 @@
   intercepting every tensor the ops create (a ``TorchDispatchMode``). Negative means it
   allocates less (its lean gather-from-log-softmax backward); ``fusion_bytes_k1_to_k100``
   is what k costs, the same at both vocabulary sizes.
+* ``chunked_over_full_loss_peak``: peak memory of the loss (output head + λ·CLM + fusion,
+  forward and backward) with the head in chunks (``train.head_chunk_tokens`` chosen
+  automatically) over the unchunked loss, at V = 262,144 (Gemma's vocabulary) and
+  B·T = 4,096, each measured as the rise of a fresh process's peak RSS (VmHWM).
+* ``chunked_over_full_step``: median time of a full training step with the chunked loss
+  over the unchunked one on the model (SmolLM2: V = 49,152), chunks of the size automatic
+  chunking would pick for that vocabulary, same batches, interleaved repeats.
 
 The last line of output is one JSON object.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +40,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fusellm.train.loss import fusion_loss_sums  # noqa: E402
+from fusellm.heads import OutputHead, last_hidden, no_logits  # noqa: E402
+from fusellm.train.loss import chunked_fusion_loss_sums, fusion_loss_sums  # noqa: E402
+from fusellm.train.trainer import CHUNK_LOGIT_BYTES, head_chunk_tokens  # noqa: E402
 
 
 class AllocCounter(TorchDispatchMode):
@@ -91,13 +101,48 @@ def memory_table(B: int, T: int, vocabs: list[int], ks: list[int]) -> dict:
     return out
 
 
+LOSS_PEAK = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from fusellm.heads import OutputHead
+from fusellm.train.loss import chunked_fusion_loss_sums, fusion_loss_sums
+from fusellm.train.trainer import head_chunk_tokens
+torch.manual_seed(0)
+V, BT, H, k, chunked = {V}, {BT}, {H}, 10, {chunked}
+head = OutputHead(torch.nn.Linear(H, V, bias=False))
+hidden = torch.randn(1, BT, H, requires_grad=True)
+labels = torch.randint(0, V, (1, BT))
+ids = torch.randint(0, V, (1, BT, k))
+lps = torch.log_softmax(torch.randn(1, BT, k), -1)
+mask = torch.ones(1, BT, dtype=torch.bool)
+def rss(key):
+    return int([x for x in open("/proc/self/status") if x.startswith(key)][0].split()[1]) * 1024
+before = rss("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+if chunked:
+    s = chunked_fusion_loss_sums(hidden, head, labels, ids, lps, mask, head_chunk_tokens(-1, V))
+else:
+    s = fusion_loss_sums(head(hidden), labels, ids, lps, mask)
+s.total.backward()
+print(rss("VmHWM:") - before)
+"""
+
+
+def loss_peak_bytes(V: int, BT: int, H: int, chunked: bool) -> int:
+    """Rise of a fresh process's peak RSS over one forward + backward of the loss (with
+    its output head), from inputs already in memory."""
+    code = LOSS_PEAK.format(root=str(ROOT), V=V, BT=BT, H=H, chunked=chunked)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--block", type=int, default=256)
+    ap.add_argument("--block", type=int, default=512)
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
@@ -137,30 +182,42 @@ def main() -> None:
         batches.append((ids, labels, f_ids, f_lps, torch.ones(B, T, dtype=torch.bool)))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
-    def step(fusion: bool) -> None:
+    head = OutputHead.of(model)
+    # the chunk that automatic chunking picks for this vocabulary, were it chunked
+    chunk = max(128, CHUNK_LOGIT_BYTES // (4 * V))
+
+    def step(kind: str) -> None:
         for ids, labels, f_ids, f_lps, mask in batches:
-            logits = model(input_ids=ids).logits
             n = (labels != -100).sum()
-            if fusion:
+            if kind == "chunked":
+                out = model(input_ids=ids, logits_to_keep=no_logits(ids), output_hidden_states=True)
+                s = chunked_fusion_loss_sums(
+                    last_hidden(out), head, labels, f_ids, f_lps, mask, chunk, lm_weight=0.9
+                )
+                loss = s.total / n
+            elif kind == "fusion":
+                logits = model(input_ids=ids).logits
                 loss = fusion_loss_sums(logits, labels, f_ids, f_lps, mask, 0.9).total / n
             else:
-                loss = clm_loss(logits, labels) / n
+                loss = clm_loss(model(input_ids=ids).logits, labels) / n
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    step(True)  # warm-up
-    step(False)
-    t_f, t_c = [], []
+    kinds = ("clm", "fusion", "chunked")
+    for kind in kinds:  # warm-up
+        step(kind)
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for _ in range(args.repeats):
-        t = time.perf_counter()
-        step(False)
-        t_c.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        step(True)
-        t_f.append(time.perf_counter() - t)
-    clm_s, fus_s = statistics.median(t_c), statistics.median(t_f)
+        for kind in kinds:
+            t = time.perf_counter()
+            step(kind)
+            times[kind].append(time.perf_counter() - t)
+    clm_s, fus_s, chunk_s = (statistics.median(times[kind]) for kind in kinds)
     mem = memory_table(2, 128, [32000, 128000], [1, 10, 100])
+    big_v, big_bt, big_h = 262_144, 4_096, 256
+    peak_full = loss_peak_bytes(big_v, big_bt, big_h, chunked=False)
+    peak_chunked = loss_peak_bytes(big_v, big_bt, big_h, chunked=True)
     print(
         json.dumps(
             {
@@ -173,6 +230,18 @@ def main() -> None:
                 "clm_step_s": round(clm_s / len(batches), 4),
                 "fusion_step_s": round(fus_s / len(batches), 4),
                 "fusion_over_clm_step": round(fus_s / clm_s, 4),
+                "chunk_tokens": chunk,
+                "chunked_step_s": round(chunk_s / len(batches), 4),
+                "chunked_over_full_step": round(chunk_s / fus_s, 4),
+                "loss_peak_bytes": {
+                    "vocab": big_v,
+                    "positions": big_bt,
+                    "hidden": big_h,
+                    "chunk_tokens": head_chunk_tokens(-1, big_v),
+                    "full": peak_full,
+                    "chunked": peak_chunked,
+                },
+                "chunked_over_full_loss_peak": round(peak_chunked / peak_full, 4),
                 "fusion_extra_bytes": mem,
                 # what k costs: the same at both vocabulary sizes (grows with k, not V)
                 "fusion_bytes_k1_to_k100": {

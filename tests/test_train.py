@@ -470,3 +470,44 @@ def test_chunked_head_refuses_logits_it_cannot_reproduce():
     tempered = Tempered(cfg)
     with pytest.raises(HeadMismatch, match="Tempered"):
         check_head(tempered, OutputHead.of(tempered), batch, exact=True)
+
+
+def test_shuffled_blocks_read_only_their_rows(fused, monkeypatch):
+    """Blocks visited in random order carry exactly their documents' rows (as a full
+    decode of the shards gives them) and no shard is ever decoded whole: the old reader
+    decoded a shard per block once the shuffle left its 4-shard cache."""
+    import numpy as np
+
+    import fusellm.shards
+    from fusellm.manifest import load_manifest
+    from fusellm.sharded import shard_paths
+    from fusellm.stages import FUSE
+    from fusellm.train.data import IGNORE, FusedBlocks
+
+    r = load_recipe(fused, TWO)
+    paths = shard_paths(r.stage_dir(FUSE), load_manifest(r.stage_dir(FUSE), FUSE), "train", FUSE)
+    docs = {d.doc_id: d for d in fusellm.shards.iter_docs(paths)}
+    decodes = []
+    real = fusellm.shards.decode_shard
+    monkeypatch.setattr(
+        fusellm.shards, "decode_shard", lambda data: decodes.append(1) or real(data)
+    )
+    ds = FusedBlocks(paths, 48)
+    names = [n for p in paths for n in fusellm.shards.RowReader(p).doc_ids]
+    checked = 0
+    for b in np.random.default_rng(0).permutation(len(ds)):
+        item = ds[int(b)]
+        pos = 0
+        for d, lo, hi in ds.slices[ds.block_ptr[b] : ds.block_ptr[b + 1]]:
+            want = docs[names[d]]
+            n = hi - lo
+            got = {k: v[pos : pos + n].numpy() for k, v in item.items() if k != "length"}
+            assert (got["input_ids"] == want.input_ids[lo:hi]).all()
+            assert (got["fused_ids"] == want.topk_ids[lo:hi]).all()
+            assert np.array_equal(got["fused_logprobs"], want.topk_logprobs[lo:hi].float().numpy())
+            assert (got["fused_mask"] == want.aligned[lo:hi]).all()
+            labels = np.append(want.input_ids[1:], IGNORE)[lo:hi]
+            assert (got["shift_labels"] == labels).all()
+            pos += n
+            checked += n
+    assert checked == ds.total and not decodes

@@ -12,23 +12,25 @@ reference FuseLLM / ``group_texts`` layout, kept for reproduction and ablation o
 token stream cut every ``block_size`` tokens, attention across documents, documents cut
 at block edges, so the student's context is not the teacher's.
 
-Only shard headers are read up front (document lengths); a block loads the shards its
-documents live in, with a small cache, so memory is bounded by a few shards whatever the
-corpus size. Map-style, so the Trainer's sampler, gradient accumulation, multi-process
-sharding and exact resume (it skips consumed batches) all work unchanged.
+Only shard headers are read up front (document offsets); a block reads just the rows of
+its documents from their shards (:class:`fusellm.shards.RowReader`), so a shuffled
+epoch over thousands of shards reads each token once instead of decoding a whole shard
+per block, and memory stays bounded by the blocks in flight whatever the corpus size.
+Map-style, so the Trainer's sampler, gradient accumulation, multi-process sharding,
+dataloader workers and exact resume (it skips consumed batches) all work unchanged.
 """
 
 from __future__ import annotations
 
-import json
+import os
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
-from fusellm.shards import read_shard
+from fusellm.manifest import CorruptArtifact
+from fusellm.shards import RowReader, shard_problem
 
 IGNORE = -100
 PACKING = ("documents", "none", "stream")
@@ -36,13 +38,6 @@ PACKING = ("documents", "none", "stream")
 
 class DocumentTooLong(ValueError):
     """A document longer than a training block: the block would cut its context."""
-
-
-def doc_lengths(path: Path) -> tuple[list[str], np.ndarray]:
-    """Document ids and token counts of a shard, from its header and offsets alone."""
-    with safe_open(str(path), framework="numpy") as f:
-        ids = json.loads(f.metadata()["doc_ids"])
-        return ids, np.diff(f.get_tensor("doc_offsets"))
 
 
 def pack(lengths: np.ndarray, block_size: int, window: int = 16) -> list[list[int]]:
@@ -89,7 +84,7 @@ class FusedBlocks(torch.utils.data.Dataset):
         shards: list[Path],
         block_size: int,
         packing: str = "documents",
-        cache_shards: int = 4,
+        open_shards: int = 64,
     ):
         if not shards:
             raise ValueError("no fused shards to train on")
@@ -98,23 +93,33 @@ class FusedBlocks(torch.utils.data.Dataset):
         self.shards = list(shards)
         self.block_size = block_size
         self.packing = packing
-        where, lengths = [], []
+        where, starts, lengths = [], [], []
         for s, p in enumerate(self.shards):
-            ids, n = doc_lengths(p)
+            # size + mtime against the sidecar (a full hash only when they changed): the
+            # same check every stage applies to its inputs
+            if problem := shard_problem(p):
+                raise CorruptArtifact(problem)
+            r = RowReader(p)
+            n = np.diff(r.doc_offsets)
             too_long = np.flatnonzero(n > block_size)
             if len(too_long) and packing != "stream":
                 d = int(too_long[0])
                 raise DocumentTooLong(
-                    f"train: document '{ids[d]}' ({p}) has {int(n[d])} target tokens, more "
-                    f"than train.block_size {block_size}: a block would cut the context its "
-                    "fused rows were computed on. Set corpus.block_size to at most "
+                    f"train: document '{r.doc_ids[d]}' ({p}) has {int(n[d])} target tokens, "
+                    f"more than train.block_size {block_size}: a block would cut the context "
+                    "its fused rows were computed on. Set corpus.block_size to at most "
                     "train.block_size (and rerun from the corpus stage) or raise "
                     "train.block_size"
                 )
-            where.extend((s, d) for d in range(len(n)))
+            where.append(np.full(len(n), s, dtype=np.int64))
+            starts.append(r.doc_offsets[:-1])
             lengths.append(n)
+            if s == 0:
+                self.k = r.k
         lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-        self.where = np.array(where, dtype=np.int64).reshape(-1, 2)  # doc -> (shard, index)
+        self.doc_shard = np.concatenate(where)  # document -> shard
+        self.doc_start = np.concatenate(starts).astype(np.int64)  # its first row there
+        self.doc_len = lengths
         self.total = int(lengths.sum())
         if not self.total:
             raise ValueError("the fused shards hold no tokens to train on")
@@ -130,10 +135,9 @@ class FusedBlocks(torch.utils.data.Dataset):
             sl = [[(d, 0, int(lengths[d])) for d in g] for g in groups]
         self.slices = np.array([x for b in sl for x in b], dtype=np.int64).reshape(-1, 3)
         self.block_ptr = np.concatenate([[0], np.cumsum([len(b) for b in sl])])
-        self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
-        self._cache_size = cache_shards
-        self._verified: set[int] = set()
-        self.k = self._shard(int(self.where[self.slices[0, 0], 0]))["ids"].shape[1]
+        self._open: OrderedDict[int, RowReader] = OrderedDict()
+        self._open_max = open_shards
+        self._pid = os.getpid()
 
     @property
     def packed(self) -> bool:
@@ -147,40 +151,31 @@ class FusedBlocks(torch.utils.data.Dataset):
     def padding_fraction(self) -> float:
         return 1.0 - self.total / (len(self) * self.block_size)
 
-    def _shard(self, i: int) -> dict[str, np.ndarray]:
-        if i in self._cache:
-            self._cache.move_to_end(i)
-            return self._cache[i]
-        # A shard is re-read whenever it falls out of the cache (every epoch, every
-        # shuffled visit): hash it once, not on each read.
-        docs, _ = read_shard(self.shards[i], verify=i not in self._verified)
-        self._verified.add(i)
-        arr = {
-            "starts": np.concatenate([[0], np.cumsum([len(d.input_ids) for d in docs])]),
-            "input_ids": np.concatenate([d.input_ids for d in docs]).astype(np.int64),
-            "ids": np.concatenate([d.topk_ids for d in docs]).astype(np.int64),
-            "logprobs": torch.cat([d.topk_logprobs for d in docs]).float().numpy(),
-            "mask": np.concatenate(
-                [
-                    d.aligned if d.aligned is not None else np.ones(len(d.input_ids), bool)
-                    for d in docs
-                ]
-            ),
-        }
-        self._cache[i] = arr
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return arr
+    def _reader(self, s: int) -> RowReader:
+        if os.getpid() != self._pid:  # a dataloader worker: its own file handles
+            self._open, self._pid = OrderedDict(), os.getpid()
+        r = self._open.get(s)
+        if r is None:
+            r = self._open[s] = RowReader(self.shards[s])
+            if len(self._open) > self._open_max:
+                self._open.popitem(last=False)
+        self._open.move_to_end(s)
+        return r
 
     def _doc(self, d: int, lo: int, hi: int) -> dict[str, np.ndarray]:
         """Tokens ``[lo, hi)`` of document ``d`` (labels: the next token in the document)."""
-        s, i = self.where[d]
-        a = self._shard(int(s))
-        start, end = a["starts"][i], a["starts"][i + 1]
-        out = {k: a[k][start:end] for k in ("input_ids", "ids", "logprobs", "mask")}
-        out["shift_labels"] = np.append(out["input_ids"][1:], IGNORE)
-        out["position_ids"] = np.arange(end - start, dtype=np.int64)
-        return {k: v[lo:hi] for k, v in out.items()}
+        n, start = int(self.doc_len[d]), int(self.doc_start[d])
+        end = min(hi + 1, n)  # one row more for the label of the last token
+        rows = self._reader(int(self.doc_shard[d])).rows(start + lo, start + end)
+        out = {
+            "input_ids": rows["input_ids"][: hi - lo],
+            "ids": rows["topk_ids"][: hi - lo],
+            "logprobs": rows["topk_logprobs"][: hi - lo],
+            "mask": rows["aligned"][: hi - lo],
+            "shift_labels": np.append(rows["input_ids"][1:], IGNORE)[: hi - lo],
+            "position_ids": np.arange(lo, hi, dtype=np.int64),
+        }
+        return out
 
     def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
         if not 0 <= b < len(self):
