@@ -23,13 +23,8 @@ from conftest import ADVERSARIAL, TEXT, _tiny_model, hub_snapshot, write_recipe
 
 from align import byte_spans
 from fusellm.align.core import tokenizer_vocab
-from fusellm.models import (
-    SP_CHECK_TEXTS,
-    ModelLoadError,
-    encode,
-    load_tokenizer,
-    tokenizer_fingerprint,
-)
+from fusellm.faithful_tokenizer import SP_CHECK_TEXTS
+from fusellm.models import ModelLoadError, encode, load_tokenizer, tokenizer_fingerprint
 from fusellm.recipe import ModelSpec
 
 # OpenLLaMA v1: BPE with byte fallback and split digits, and the default normaliser
@@ -161,7 +156,7 @@ def test_llama_tokenizer_that_differs_is_replaced_by_a_faithful_conversion(
 def test_second_load_reuses_the_converted_tokenizer(tmp_path, sp_models, cache_dir, caplog):
     from transformers import AutoTokenizer
 
-    from fusellm.models import _convert_sentencepiece
+    from fusellm.faithful_tokenizer import _convert_sentencepiece
 
     d = _llama_dir(tmp_path / "openllama", sp_models, "openllama")
     first = load_tokenizer(ModelSpec(path=str(d)), "ol")
