@@ -511,3 +511,71 @@ def test_shuffled_blocks_read_only_their_rows(fused, monkeypatch):
             pos += n
             checked += n
     assert checked == ds.total and not decodes
+
+
+# torchrun runs this instead of the CLI: from step 2 on, rank 1's gradients of one weight
+# become NaN (the loss stays finite), as an overflow in one process's backward would.
+NAN_GRAD_AT_STEP_2 = """
+import os, sys, torch
+import fusellm.train.trainer as tr
+real = tr.FusionTrainer.compute_loss
+def compute_loss(self, model, inputs, *a, **kw):
+    if self.state.global_step == 1 and os.environ["RANK"] == "1" and not hasattr(self, "_nan"):
+        self._nan = next(self.model.parameters()).register_hook(lambda g: g * float("nan"))
+    return real(self, model, inputs, *a, **kw)
+tr.FusionTrainer.compute_loss = compute_loss
+from fusellm.cli import entry
+entry()
+"""
+
+
+@pytest.mark.distributed
+def test_deepspeed_stops_on_a_nan_gradient_before_the_step_and_its_checkpoint(fused, tmp_path):
+    """ZeRO-2 with bf16 on 2 CPU processes: a NaN gradient on one rank at step 2 stops
+    the run naming step 2, before the optimizer step and before checkpoint-2 is written
+    (DeepSpeed alone applies it under bf16, or skips the step silently under fp32)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    pytest.importorskip("deepspeed")
+    ds = Path(__file__).parent.parent / "recipes" / "deepspeed" / "zero2.json"
+    script = tmp_path / "nan_grad.py"
+    script.write_text(NAN_GRAD_AT_STEP_2)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions"),
+    }
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(script),
+            "train",
+            str(fused),
+            *TWO,
+            f"train.deepspeed={ds}",
+            "train.bf16=true",
+            "train.max_steps=3",
+            "train.save_steps=1",
+            "train.logging_steps=1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert r.returncode != 0
+    assert "non-finite gradient at step 2 (DeepSpeed ZeRO-2" in r.stderr, r.stderr[-3000:]
+    ckpts = fused.parent / "run" / "train" / "checkpoints"
+    assert (ckpts / "checkpoint-1" / "fusellm-complete.json").exists()
+    assert not (ckpts / "checkpoint-2").exists()
+    assert not (fused.parent / "run" / "train" / "manifest.json").exists()

@@ -75,6 +75,8 @@ class FusionTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         if not self._checked:  # every rank, on its first micro-batch
+            if self.is_deepspeed_enabled:
+                guard_deepspeed_step(self.accelerator.deepspeed_engine_wrapped.engine, self.state)
             exact = not (args.bf16 or args.fp16)
             if "position_ids" in inputs:
                 check_packing(model, inputs, exact)
@@ -247,7 +249,8 @@ def check_head(model, head: OutputHead, inputs: dict[str, torch.Tensor], exact: 
 
 
 class NonFiniteGradStop(TrainerCallback):
-    """Raise before the optimizer step when any gradient is NaN/Inf, naming the step."""
+    """Raise before the optimizer step when any gradient is NaN/Inf, naming the step.
+    (Without DeepSpeed; under DeepSpeed see :func:`guard_deepspeed_step`.)"""
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         for name, p in model.named_parameters():
@@ -256,6 +259,50 @@ class NonFiniteGradStop(TrainerCallback):
                     f"non-finite gradient in '{name}' at step {state.global_step + 1}; "
                     "stopped before the optimizer step"
                 )
+
+
+def guard_deepspeed_step(engine, state) -> None:
+    """Make ``engine.step`` raise :class:`NonFiniteError` when the gradients it is about to
+    apply hold a NaN/Inf, naming the step, before the optimizer (and so any checkpoint)
+    sees them.
+
+    Under DeepSpeed, accelerate runs ``engine.backward`` and ``engine.step`` together
+    inside ``accelerator.backward``: the Trainer's ``on_pre_optimizer_step`` comes after
+    the step, and ZeRO has moved the gradients out of ``param.grad`` by then. With bf16
+    there is no loss scaler either, and ZeRO-1/2/3 apply a NaN gradient (fp32/fp16 skip
+    the step silently). So the check wraps the engine's own step, at the accumulation
+    boundary, on the reduced gradient partitions, all-reduced over the ranks.
+    """
+    step = engine.step
+
+    def checked_step(*args, **kwargs):
+        if engine.is_gradient_accumulation_boundary() and not _deepspeed_grads_finite(engine):
+            raise NonFiniteError(
+                f"non-finite gradient at step {state.global_step + 1} (DeepSpeed ZeRO-"
+                f"{engine.zero_optimization_stage()}: a NaN/Inf in the reduced gradients); "
+                "stopped before the optimizer step, nothing of this step was saved"
+            )
+        return step(*args, **kwargs)
+
+    engine.step = checked_step
+
+
+def _deepspeed_grads_finite(engine) -> bool:
+    """Whether every rank's share of the accumulated gradients is finite (a collective)."""
+    import torch.distributed as dist
+
+    opt = engine.optimizer
+    if hasattr(opt, "has_overflow"):  # ZeRO-1/2/3: the flat partitions, all-reduced inside
+        return not opt.has_overflow(partition_gradients=getattr(opt, "partition_gradients", True))
+    if hasattr(opt, "get_grads_for_norm"):  # the bf16 optimizer without ZeRO partitions
+        grads = opt.get_grads_for_norm(for_clipping=True)
+    else:  # plain data parallelism: the gradients are in the parameters
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    bad = torch.tensor([float(any(not torch.isfinite(g).all() for g in grads))])
+    if dist.is_available() and dist.is_initialized():
+        bad = bad.to(engine.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
 
 
 class CompletionMarker(TrainerCallback):
