@@ -47,6 +47,9 @@ def test_paper_recipe_settings():
     assert r.corpus.block_size == 2048
     assert r.train["lm_weight"] == 0.9 and r.train["learning_rate"] == 1e-5
     assert r.extract.top_k == 10
+    # every difference in the bench table is from CLM-only; the paper's tasks by lm-eval name
+    assert r.bench.models[:3] == ["clm_only", "target", "fused"]
+    assert {"lm", "harness:bbh", "harness:arc_challenge", "harness:hellaswag"} <= set(r.bench.tasks)
 
 
 def test_valid_recipe_and_defaults(tmp_path):

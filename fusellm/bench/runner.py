@@ -3,7 +3,9 @@
 Per (model, task) scores are cached under ``run_dir/bench/cache`` keyed by the model's
 identity and the task's items, so an interrupted bench resumes and adding a model scores
 only that model. Results: ``results.{md,csv,json,png}`` under ``run_dir/bench`` and a W&B
-table.
+table. Tasks: ``lm`` and OLMES tasks (:mod:`fusellm.bench.tasks`), lm-eval tasks
+(:mod:`fusellm.bench.harness`). Under ``torchrun`` every rank scores a share of each task
+(:mod:`fusellm.bench.parallel`) and rank 0 alone reads and writes the stage directory.
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from tqdm import tqdm
-
 from fusellm.bench.config import BenchConfig, EnsembleRef
+from fusellm.bench.harness import is_harness
+from fusellm.bench.harness import load_tasks as load_harness_tasks
+from fusellm.bench.harness import score_task as score_harness_task
+from fusellm.bench.parallel import Ranks, process_group, score_units
 from fusellm.bench.report import plot, to_csv, to_markdown
 from fusellm.bench.score import (
     LogProbModel,
-    batches,
     best_device,
     document_units,
     prefix_id,
@@ -82,7 +84,9 @@ def resolve_models(recipe: Recipe, cfg: BenchConfig) -> list[BenchModel]:
     return list(out.values())
 
 
-def score_task(lpm: LogProbModel, tok, task: Task, cfg: BenchConfig, desc: str) -> dict[str, Any]:
+def score_task(
+    lpm: LogProbModel, tok, task: Task, cfg: BenchConfig, desc: str, ranks: Ranks | None = None
+) -> dict[str, Any]:
     """Per-item scores of one model on one task (see :mod:`fusellm.bench.stats`)."""
     units, owner = [], []  # owner[u] = (item index, request index)
     for i, it in enumerate(task.items):
@@ -97,12 +101,8 @@ def score_task(lpm: LogProbModel, tok, task: Task, cfg: BenchConfig, desc: str) 
                 raise ValueError(f"{desc}: item {it.id} request {j}: {e}") from None
             units += us
             owner += [(i, j)] * len(us)
-    lp, n, greedy = np.zeros(len(units)), np.zeros(len(units), np.int64), np.zeros(len(units), bool)
     pad = tok.pad_token_id if tok.pad_token_id is not None else prefix_id(tok)
-    with tqdm(total=sum(len(u.ids) for u in units), desc=desc, unit="tok", leave=False) as bar:
-        for b in batches(units, cfg.batch_tokens):
-            lp[b], n[b], greedy[b] = lpm.score([units[k] for k in b], pad)
-            bar.update(sum(len(units[k].ids) for k in b))
+    lp, n, greedy = score_units(lpm, units, pad, cfg.batch_tokens, ranks or Ranks(), desc)
     # Sum the units of each (item, request).
     keys = {}
     for k, ij in enumerate(owner):
@@ -138,15 +138,25 @@ def _slug(s: str) -> str:
 def load_tasks(recipe: Recipe, cfg: BenchConfig) -> list[Task]:
     corpus_dir = recipe.stage_dir(CORPUS)
     exclude = ""
-    if cfg.decontaminate and any(t != LM for t in cfg.tasks):
+    if cfg.decontaminate and any(t != LM and not is_harness(t) for t in cfg.tasks):
         train = corpus_dir / "train.jsonl"
         if train.is_file():
             with open(train, encoding="utf-8") as f:
                 exclude = "\n".join(json.loads(line)["text"] for line in f)
+    harness = [(n, f"bench.tasks.{i}") for i, n in enumerate(cfg.tasks) if is_harness(n)]
+    if harness and cfg.decontaminate:
+        log.info("bench: harness tasks are not checked against the training corpus")
+    rendered = iter(
+        load_harness_tasks([n for n, _ in harness], [w for _, w in harness], cfg, recipe.seed)
+        if harness
+        else []
+    )
     tasks = []
     for name in cfg.tasks:
         if name == LM:
             tasks.append(load_lm(corpus_dir, cfg.split, None, recipe.seed))
+        elif is_harness(name):
+            tasks.append(next(rendered))
         else:
             t = load_task(name, cfg.limit, recipe.seed, exclude)
             if t.contaminated:
@@ -165,11 +175,17 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
     cfg = (
         BenchConfig.model_validate(recipe.bench) if isinstance(recipe.bench, dict) else recipe.bench
     )
+    device = best_device()
+    with process_group(device) as ranks:
+        return _run(recipe, cfg, device, ranks, force)
+
+
+def _run(recipe: Recipe, cfg: BenchConfig, device: str, ranks: Ranks, force: bool) -> dict:
+    """The bench on every rank of the launch: all score, rank 0 decides and writes."""
     out_dir = recipe.stage_dir(STAGE)
     models = resolve_models(recipe, cfg)
     tasks = load_tasks(recipe, cfg)
     t0 = time.time()
-    device = best_device()
     # What each score depends on: the model and how it runs, the items' exact texts.
     keys = {
         (bm.label, t.name): config_hash(
@@ -182,6 +198,8 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
                     device.split(":")[0],
                     *(str(resolve_dtype(spec, device)) for _, spec in bm.members),
                 ],
+                # lm-eval computes a harness task's metrics
+                **({"lm_eval": t.version} if t.kind == "harness" else {}),
             }
         )
         for bm in models
@@ -196,24 +214,34 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
     }
     config = {"bench": cfg.model_dump(mode="json"), "models": {m.label: m.identity for m in models}}
     sd = StageDir(STAGE, out_dir, {**config, "scores": config_hash(sorted(keys.values()))})
-    # A changed model list or task set is not refused: the cache is keyed per model and
-    # task, so a rerun scores only what is new.
-    if not sd.prepare(force, keep_changed=True):
-        log.info("bench: complete and unchanged at %s (skipped)", out_dir)
-        return read_json(out_dir / "results.json")
+
     records: dict[tuple[str, str], dict] = {}
     tok_ids: dict[str, str] = {}
-    with start_run(recipe, STAGE, config) as tracker:
+
+    def prepare() -> list[tuple[str, str]] | None:
+        """(model, task) pairs with valid cached scores; None when the stage is complete."""
+        # A changed model list or task set is not refused: the cache is keyed per model and
+        # task, so a rerun scores only what is new.
+        if not sd.prepare(force, keep_changed=True):
+            return None
         for bm in models:
-            todo = []
             for t in tasks:
                 p = out_dir / cache[(bm.label, t.name)]
                 rec = read_json(p) if p.is_file() else {}
                 if rec.get("key") == keys[(bm.label, t.name)]:
                     records[(bm.label, t.name)] = rec["scores"]
                     tok_ids[bm.label] = rec["tokenizer"]
-                else:
-                    todo.append(t)
+        return sorted(records)
+
+    # rank 0 alone prepares the stage directory and reads the cache; all learn what is left
+    done = ranks.from_main(prepare)
+    if done is None:
+        log.info("bench: complete and unchanged at %s (skipped)", out_dir)
+        return ranks.from_main(lambda: read_json(out_dir / "results.json"))
+    done = {tuple(k) for k in done}
+    with start_run(recipe, STAGE, config, enabled=ranks.main) as tracker:
+        for bm in models:
+            todo = [t for t in tasks if (bm.label, t.name) not in done]
             if not todo:
                 log.info("bench: %s: all %d task(s) cached", bm.label, len(tasks))
                 continue
@@ -232,15 +260,21 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
             )
             for t in todo:
                 s0 = time.time()
-                scores = score_task(lpm, toks[0], t, cfg, f"bench {bm.label} {t.name}")
-                atomic_write_json(
-                    out_dir / cache[(bm.label, t.name)],
-                    {
-                        "key": keys[(bm.label, t.name)],
-                        "tokenizer": tok_ids[bm.label],
-                        "scores": scores,
-                    },
+                desc = f"bench {bm.label} {t.name}"
+                scores = (
+                    score_harness_task(lpm, toks[0], t, cfg, ranks, desc)
+                    if t.kind == "harness"
+                    else score_task(lpm, toks[0], t, cfg, desc, ranks)
                 )
+                if ranks.main:
+                    atomic_write_json(
+                        out_dir / cache[(bm.label, t.name)],
+                        {
+                            "key": keys[(bm.label, t.name)],
+                            "tokenizer": tok_ids[bm.label],
+                            "scores": scores,
+                        },
+                    )
                 records[(bm.label, t.name)] = scores
                 log.info(
                     "bench: %s on %s: %d items in %.1fs",
@@ -250,6 +284,8 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
                     time.time() - s0,
                 )
             del lpm
+        if not ranks.main:
+            return {}
         rows = build_rows(models, tasks, records, tok_ids, cfg.bootstrap)
         labels = [m.label for m in models]
         write_results(out_dir, rows, labels, tasks)
@@ -301,8 +337,11 @@ def build_rows(models, tasks, records, tok_ids, bootstrap: int) -> list[dict[str
                         "group": group,
                         "metric": metric,
                         "shots": t.shots,
-                        "higher_is_better": HIGHER_IS_BETTER[metric],
-                        "primary": metric == t.primary,
+                        "higher_is_better": (
+                            t.higher_is_better if t.kind == "harness" else HIGHER_IS_BETTER
+                        )[metric],
+                        # a harness group's own tasks have rows too; the table shows the group
+                        "primary": metric == t.primary and (t.kind == "lm" or group == "all"),
                         **r,
                     }
                 )

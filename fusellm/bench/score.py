@@ -111,7 +111,7 @@ class LogProbModel:
                 )
 
     @staticmethod
-    def _combine(lps: list[torch.Tensor]) -> torch.Tensor:
+    def combine(lps: list[torch.Tensor]) -> torch.Tensor:
         """Members' log-probs ``[..., V_i]`` → log of their mean probability ``[..., V]``."""
         if len(lps) == 1:
             return lps[0]
@@ -121,7 +121,7 @@ class LogProbModel:
     @torch.no_grad()
     def logprobs(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``ids``/``mask`` int64 ``[B, T]`` → next-token log-probs float32 ``[B, T, V]``."""
-        return self._combine(
+        return self.combine(
             [
                 m(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
                 for m in self.models
@@ -155,9 +155,7 @@ class LogProbModel:
         for i, u in enumerate(units):
             L = len(u.ids)
             # rows L-n-1 .. L-2 predict ids[L-n:L]
-            pred = self._combine(
-                [x[i, L - 1 - u.n : L - 1].float().log_softmax(-1) for x in logits]
-            )
+            pred = self.combine([x[i, L - 1 - u.n : L - 1].float().log_softmax(-1) for x in logits])
             tgt = torch.tensor(u.ids[L - u.n :], device=pred.device)
             lps[i] = float(pred.gather(-1, tgt[:, None]).double().sum())
             ns[i] = u.n

@@ -44,6 +44,20 @@ def item_metrics(
             sel = np.ones(len(nll), bool) if g == "all" else domains == g
             out[(g, "bpb")] = (nll[sel] / math.log(2), nbytes[sel])
         return out
+    if kind == "harness":
+        # lm-eval metrics as logged per item (see fusellm.bench.harness.item_values); the
+        # tasks of a group also get their own rows
+        groups = np.asarray(rec["group"])
+        order = list(dict.fromkeys(rec["group"]))
+        out = {}
+        for g in ["all", *(order if len(order) > 1 else [])]:
+            sel = np.ones(len(groups), bool) if g == "all" else groups == g
+            for m in rec["num"]:
+                out[(g, m)] = (
+                    np.asarray(rec["num"][m], float)[sel],
+                    np.asarray(rec["den"][m], float)[sel],
+                )
+        return out
     if kind == "em":
         ok = np.asarray(rec["greedy"], float)
         return {("all", "em"): (ok, np.ones_like(ok))}
