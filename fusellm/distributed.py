@@ -4,8 +4,8 @@ group the CLI sets up once per command, and the few collectives the stages need.
 Any launcher that sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``
 works (torchrun, ``accelerate launch``, the deepspeed launcher, srun with those set).
 ``fusellm run`` under N processes enters every stage on every rank: extract, align and
-fuse split their shards by rank, train splits batches; single-process stages (corpus,
-merge, evolve, bench) run on rank 0 while the others wait. After each stage every rank
+fuse split their shards by rank, train splits batches, bench splits its scoring batches;
+single-process stages (corpus, merge, evolve) run on rank 0 while the others wait. After each stage every rank
 waits for all others (:func:`barrier`), so no rank reads a stage's output before the
 stage is complete everywhere.
 
@@ -98,6 +98,18 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([int(flag)])
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
+
+
+def all_gather(obj: T) -> list[T]:
+    """``obj`` of every rank, in rank order, on every rank (``[obj]`` in one process)."""
+    group = _group()
+    if group is None:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 def on_rank0(fn: Callable[[], T]) -> T:

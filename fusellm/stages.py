@@ -113,7 +113,6 @@ STAGES: dict[str, Stage] = {
             "compare fused, CLM-only, merged models and sources (bits per byte, tasks)",
             "fusellm.bench.runner:run",
             "fusellm.bench.config:BenchConfig",
-            ranks="first",
         ),
     ]
 }

@@ -43,8 +43,8 @@ from fusellm.bench.tasks import Item, Task
 
 if TYPE_CHECKING:
     from fusellm.bench.config import BenchConfig
-    from fusellm.bench.parallel import Ranks
     from fusellm.bench.score import LogProbModel
+    from fusellm.distributed import Rank
 
 log = logging.getLogger(__name__)
 PREFIX = "harness:"
@@ -285,7 +285,7 @@ def item_values(form: str, value: Any) -> tuple[float, float]:
 
 
 def score_task(
-    lpm: LogProbModel, tok, task: HarnessTask, cfg: BenchConfig, ranks: Ranks, desc: str
+    lpm: LogProbModel, tok, task: HarnessTask, cfg: BenchConfig, rank: Rank, desc: str
 ) -> dict[str, Any]:
     """Per-item scores of one model on a harness task: lm-eval's ``evaluate`` with its
     logged samples, over :class:`HarnessLM`."""
@@ -293,7 +293,7 @@ def score_task(
 
     from fusellm.bench.harness_lm import HarnessLM
 
-    lm = HarnessLM(lpm, tok, cfg.max_length, cfg.batch_tokens, ranks, desc)
+    lm = HarnessLM(lpm, tok, cfg.max_length, cfg.batch_tokens, rank, desc)
     for leaf in task.leaves.values():  # the same few-shot draws as when the items were made
         leaf.set_fewshot_seed(seed=task.seed)
     res = evaluate(

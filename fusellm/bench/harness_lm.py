@@ -30,8 +30,9 @@ import torch
 from lm_eval.api.model import LM
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from fusellm.bench.parallel import Ranks, score_units
+from fusellm.bench.parallel import my_share, score_units
 from fusellm.bench.score import LogProbModel, document_units, prefix_id, request_unit
+from fusellm.distributed import Rank, all_gather
 from fusellm.extract.core import plan_batches
 from fusellm.models import encode
 
@@ -47,13 +48,13 @@ class HarnessLM(LM):
         tok,
         max_length: int,
         batch_tokens: int,
-        ranks: Ranks | None = None,
+        rank: Rank | None = None,
         desc: str = "bench",
     ):
         super().__init__()
         self.lpm, self.tok = lpm, tok
         self.max_length, self.batch_tokens = max_length, batch_tokens
-        self.ranks = ranks or Ranks()
+        self.process = rank or Rank(0, 1, 0)  # not `rank`: lm-eval must see one process
         self.desc = desc
         pad = tok.pad_token_id if tok.pad_token_id is not None else prefix_id(tok)
         # a pad id beyond some member's embedding: masked anyway, any valid id will do
@@ -74,7 +75,7 @@ class HarnessLM(LM):
             requests, lambda ctx, cont: request_unit(self.tok, ctx, cont, self.max_length)
         )
         lp, _, greedy = score_units(
-            self.lpm, units, self.pad, self.batch_tokens, self.ranks, self.desc
+            self.lpm, units, self.pad, self.batch_tokens, self.process, self.desc
         )
         return [(float(a), bool(g)) for a, g in zip(lp, greedy, strict=True)]
 
@@ -82,7 +83,7 @@ class HarnessLM(LM):
         per = self._each(requests, lambda text: document_units(self.tok, text, self.max_length))
         units = [u for us in per for u in us]
         owner = np.repeat(np.arange(len(per)), [len(us) for us in per])
-        lp, _, _ = score_units(self.lpm, units, self.pad, self.batch_tokens, self.ranks, self.desc)
+        lp, _, _ = score_units(self.lpm, units, self.pad, self.batch_tokens, self.process, self.desc)
         total = np.zeros(len(requests))
         np.add.at(total, owner, lp)
         return [float(x) for x in total]
@@ -119,10 +120,11 @@ class HarnessLM(LM):
             )
         ]
         done = [
-            (b, self._generate([prompts[i] for i in b])) for b in self.ranks.mine(plan, self.desc)
+            (b, self._generate([prompts[i] for i in b]))
+            for b in my_share(plan, self.process, self.desc)
         ]
         out: list[str] = [""] * len(prompts)
-        for part in self.ranks.all_gather(done):
+        for part in all_gather(done):
             for b, texts in part:
                 for i, t in zip(b, texts, strict=True):
                     out[i] = t

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fusellm import distributed
 from fusellm.bench.config import BenchConfig, EnsembleRef
 from fusellm.bench.harness import is_harness
 from fusellm.bench.harness import load_tasks as load_harness_tasks
 from fusellm.bench.harness import score_task as score_harness_task
-from fusellm.bench.parallel import Ranks, process_group, score_units
+from fusellm.bench.parallel import score_units
 from fusellm.bench.report import plot, to_csv, to_markdown
 from fusellm.bench.score import (
     LogProbModel,
@@ -33,6 +34,7 @@ from fusellm.bench.score import (
 )
 from fusellm.bench.stats import HIGHER_IS_BETTER, compare, item_metrics, perplexity
 from fusellm.bench.tasks import LM, Task, load_lm, load_task
+from fusellm.distributed import Rank, on_rank0
 from fusellm.manifest import StageDir
 from fusellm.models import (
     load_model,
@@ -85,7 +87,7 @@ def resolve_models(recipe: Recipe, cfg: BenchConfig) -> list[BenchModel]:
 
 
 def score_task(
-    lpm: LogProbModel, tok, task: Task, cfg: BenchConfig, desc: str, ranks: Ranks | None = None
+    lpm: LogProbModel, tok, task: Task, cfg: BenchConfig, desc: str, rank: Rank | None = None
 ) -> dict[str, Any]:
     """Per-item scores of one model on one task (see :mod:`fusellm.bench.stats`)."""
     units, owner = [], []  # owner[u] = (item index, request index)
@@ -102,7 +104,7 @@ def score_task(
             units += us
             owner += [(i, j)] * len(us)
     pad = tok.pad_token_id if tok.pad_token_id is not None else prefix_id(tok)
-    lp, n, greedy = score_units(lpm, units, pad, cfg.batch_tokens, ranks or Ranks(), desc)
+    lp, n, greedy = score_units(lpm, units, pad, cfg.batch_tokens, rank or Rank(0, 1, 0), desc)
     # Sum the units of each (item, request).
     keys = {}
     for k, ij in enumerate(owner):
@@ -175,12 +177,11 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
     cfg = (
         BenchConfig.model_validate(recipe.bench) if isinstance(recipe.bench, dict) else recipe.bench
     )
-    device = best_device()
-    with process_group(device) as ranks:
-        return _run(recipe, cfg, device, ranks, force)
+    distributed.setup()  # joins the launch's processes, if any (the CLI has already)
+    return _run(recipe, cfg, best_device(), Rank.from_env(), force)
 
 
-def _run(recipe: Recipe, cfg: BenchConfig, device: str, ranks: Ranks, force: bool) -> dict:
+def _run(recipe: Recipe, cfg: BenchConfig, device: str, rank: Rank, force: bool) -> dict:
     """The bench on every rank of the launch: all score, rank 0 decides and writes."""
     out_dir = recipe.stage_dir(STAGE)
     models = resolve_models(recipe, cfg)
@@ -234,12 +235,12 @@ def _run(recipe: Recipe, cfg: BenchConfig, device: str, ranks: Ranks, force: boo
         return sorted(records)
 
     # rank 0 alone prepares the stage directory and reads the cache; all learn what is left
-    done = ranks.from_main(prepare)
+    done = on_rank0(prepare)
     if done is None:
         log.info("bench: complete and unchanged at %s (skipped)", out_dir)
-        return ranks.from_main(lambda: read_json(out_dir / "results.json"))
+        return on_rank0(lambda: read_json(out_dir / "results.json"))
     done = {tuple(k) for k in done}
-    with start_run(recipe, STAGE, config, enabled=ranks.main) as tracker:
+    with start_run(recipe, STAGE, config, enabled=rank.rank == 0) as tracker:
         for bm in models:
             todo = [t for t in tasks if (bm.label, t.name) not in done]
             if not todo:
@@ -262,11 +263,11 @@ def _run(recipe: Recipe, cfg: BenchConfig, device: str, ranks: Ranks, force: boo
                 s0 = time.time()
                 desc = f"bench {bm.label} {t.name}"
                 scores = (
-                    score_harness_task(lpm, toks[0], t, cfg, ranks, desc)
+                    score_harness_task(lpm, toks[0], t, cfg, rank, desc)
                     if t.kind == "harness"
-                    else score_task(lpm, toks[0], t, cfg, desc, ranks)
+                    else score_task(lpm, toks[0], t, cfg, desc, rank)
                 )
-                if ranks.main:
+                if rank.rank == 0:
                     atomic_write_json(
                         out_dir / cache[(bm.label, t.name)],
                         {
@@ -284,7 +285,7 @@ def _run(recipe: Recipe, cfg: BenchConfig, device: str, ranks: Ranks, force: boo
                     time.time() - s0,
                 )
             del lpm
-        if not ranks.main:
+        if rank.rank != 0:
             return {}
         rows = build_rows(models, tasks, records, tok_ids, cfg.bootstrap)
         labels = [m.label for m in models]
