@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -579,3 +580,27 @@ def test_deepspeed_stops_on_a_nan_gradient_before_the_step_and_its_checkpoint(fu
     assert (ckpts / "checkpoint-1" / "fusellm-complete.json").exists()
     assert not (ckpts / "checkpoint-2").exists()
     assert not (fused.parent / "run" / "train" / "manifest.json").exists()
+
+
+def test_bf16_model_entry_trains_float32_masters_without_deepspeed(fused, tiny_models):
+    """`dtype: bfloat16` in the target's entry (the 7B recipe's) and no DeepSpeed: the
+    optimizer updates float32 weights, so the run takes exactly the float32 entry's steps
+    (in bf16, most updates of lr 1e-5 round away); the final model is saved in bf16."""
+    from safetensors.torch import load_file
+
+    over = ["train.learning_rate=1.0e-5", "train.max_steps=2", "train.save_steps=2"]
+    weights = {}
+    for dtype in ("float32", "bfloat16"):
+        run_dir = fused.parent / f"run-{dtype}"
+        shutil.copytree(fused.parent / "run", run_dir)
+        args = [*TWO, *over, f"models.llama_bpe.dtype={dtype}", f"run_dir={run_dir}"]
+        assert main(["train", str(fused), *args]) == 0
+        ckpt = run_dir / "train" / "checkpoints" / "checkpoint-2" / "model.safetensors"
+        weights[dtype] = load_file(ckpt)
+        saved = load_file(run_dir / "train" / "model" / "model.safetensors")
+        assert {v.dtype for v in saved.values()} == {getattr(torch, dtype)}
+    before = load_file(tiny_models["llama_bpe"] / "model.safetensors")
+    moved = sum(int((weights["bfloat16"][k] != before[k]).sum()) for k in before)
+    assert moved > 0.5 * sum(v.numel() for v in before.values())
+    for k, v in weights["float32"].items():
+        assert torch.equal(weights["bfloat16"][k], v), k

@@ -83,7 +83,9 @@ class HarnessLM(LM):
         per = self._each(requests, lambda text: document_units(self.tok, text, self.max_length))
         units = [u for us in per for u in us]
         owner = np.repeat(np.arange(len(per)), [len(us) for us in per])
-        lp, _, _ = score_units(self.lpm, units, self.pad, self.batch_tokens, self.process, self.desc)
+        lp, _, _ = score_units(
+            self.lpm, units, self.pad, self.batch_tokens, self.process, self.desc
+        )
         total = np.zeros(len(requests))
         np.add.at(total, owner, lp)
         return [float(x) for x in total]

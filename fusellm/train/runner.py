@@ -114,6 +114,8 @@ def _run(recipe: Recipe, force: bool, stage: str, overrides: dict) -> dict | Non
 
 def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]:
     """Train on this process; returns the run's stats and the saved model directory."""
+    import torch
+
     from fusellm.train.data import FusedBlocks, collate
     from fusellm.train.trainer import CompletionMarker, FusionTrainer, NonFiniteGradStop
 
@@ -151,7 +153,12 @@ def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]
     # models run on silently where they were never trained. Refuse before loading weights.
     limit = spec_max_positions(spec, recipe.target)
     check_positions(recipe.target, limit, args.block_size, "train.block_size")
-    model = load_model(spec, recipe.target, "cpu").train()
+    # Without DeepSpeed the optimizer updates the very weights it is given: in bf16 an
+    # update of lr 1e-5 is below the weights' resolution (2^-8 relative) and mostly
+    # vanishes. So train float32 weights (bf16/fp16 compute comes from train.bf16/fp16
+    # autocast); DeepSpeed keeps float32 master weights of bf16 ones itself.
+    masters = spec if args.deepspeed else spec.model_copy(update={"dtype": "float32"})
+    model = load_model(masters, recipe.target, "cpu").train()
     if limit is None:  # config was not at hand without loading (GGUF, hub)
         check_positions(
             recipe.target, max_positions(model.config), args.block_size, "train.block_size"
@@ -178,6 +185,8 @@ def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]
     out_dir = sd.path / "model"
     # Written in place (every rank takes part in gathering ZeRO-3 weights): the manifest,
     # written after it, is what makes it count.
+    if not args.deepspeed and spec.dtype in ("bfloat16", "float16"):
+        model.to(getattr(torch, spec.dtype))  # saved as the recipe's model entry says
     with write_failure_names(out_dir):
         trainer.save_model(str(out_dir))
         if args.process_index == 0:
