@@ -91,7 +91,7 @@ def make_trainer(recipe_path: Path, out: Path, callbacks=(), **over):
         args=args,
         train_dataset=ds,
         data_collator=collate,
-        callbacks=[NonFiniteGradStop(), CompletionMarker(), *callbacks],
+        callbacks=[NonFiniteGradStop(), CompletionMarker(args.checkpoint_limit), *callbacks],
     )
 
 
@@ -604,3 +604,121 @@ def test_bf16_model_entry_trains_float32_masters_without_deepspeed(fused, tiny_m
     assert moved > 0.5 * sum(v.numel() for v in before.values())
     for k, v in weights["float32"].items():
         assert torch.equal(weights["bfloat16"][k], v), k
+
+
+class CheckpointsSeen:
+    """Records the complete checkpoints on disk after each save (after CompletionMarker)."""
+
+    def __init__(self, out: Path):
+        self.out, self.seen = out, []
+
+    def on_save(self, args, state, control, **kw):
+        from fusellm.train.trainer import complete_checkpoints
+
+        self.seen.append([p.name for p in complete_checkpoints(self.out)])
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
+def test_save_total_limit_deletes_only_after_a_newer_checkpoint_is_complete(fused, tmp_path):
+    from fusellm.train.config import FusionTrainingArguments
+
+    # a recipe that says nothing keeps 2 (the Trainer's own rotation is off)
+    default = FusionTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    assert default.checkpoint_limit == 2 and default.save_total_limit is None
+    out = tmp_path / "limit"
+    seen = CheckpointsSeen(out)
+    t = make_trainer(fused, out, [seen], max_steps=5, save_steps=1, save_total_limit=2)
+    t.train()
+    assert seen.seen == [
+        ["checkpoint-1"],
+        ["checkpoint-1", "checkpoint-2"],
+        ["checkpoint-2", "checkpoint-3"],
+        ["checkpoint-3", "checkpoint-4"],
+        ["checkpoint-4", "checkpoint-5"],
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4", "checkpoint-5"]
+
+
+# Runs the CLI and SIGKILLs itself in the middle of saving checkpoint-4: the Trainer has
+# written its files, the completion marker is not written yet.
+KILL_MID_SAVE = """
+import os, signal, sys
+import fusellm.train.trainer as tr
+real = tr.CompletionMarker.on_save
+def on_save(self, args, state, control, **kw):
+    if state.global_step == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, args, state, control, **kw)
+tr.CompletionMarker.on_save = on_save
+from fusellm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_run_killed_while_saving_keeps_the_checkpoint_before(fused, tmp_path):
+    """save_total_limit 1: checkpoint-2 stays until checkpoint-4 is complete, so a kill in
+    between resumes from it (the Trainer's rotation deleted it before the new one was
+    whole, leaving nothing to resume from). Once done, keep_checkpoints_when_done: false
+    deletes them."""
+    import subprocess
+    import sys
+
+    over = ["train.max_steps=6", "train.save_steps=2", "train.save_total_limit=1"]
+    r = subprocess.run(
+        [sys.executable, "-c", KILL_MID_SAVE, "train", str(fused), *TWO, *over],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == -9, r.stderr[-2000:]
+    ckpts = fused.parent / "run" / "train" / "checkpoints"
+    assert (ckpts / "checkpoint-2" / "fusellm-complete.json").exists()
+    assert not (ckpts / "checkpoint-4" / "fusellm-complete.json").exists()
+    done = [*over, "train.keep_checkpoints_when_done=false"]
+    assert main(["train", str(fused), *TWO, *done]) == 2  # another config: refused
+    assert main(["train", str(fused), *TWO, *over]) == 0  # resumes from checkpoint-2
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-6"]
+    man = json.loads((fused.parent / "run" / "train" / "manifest.json").read_text())
+    assert man["stats"]["global_steps"] == 6
+
+
+def test_keep_checkpoints_when_done_false_leaves_none(fused):
+    over = ["train.max_steps=2", "train.save_steps=1", "train.keep_checkpoints_when_done=false"]
+    assert main(["train", str(fused), *TWO, *over]) == 0
+    run = fused.parent / "run" / "train"
+    assert json.loads((run / "manifest.json").read_text())["complete"]
+    assert not list((run / "checkpoints").iterdir())
+
+
+def test_checkpoint_files_are_hashed_in_shares_of_equal_bytes():
+    from fusellm.train.trainer import share_by_bytes
+
+    sizes = {"a.pt": 100, "b.pt": 90, "c.pt": 60, "d.json": 30, "e.json": 10, "f": 10}
+    shares = share_by_bytes(sizes, 2)
+    assert sorted(n for s in shares for n in s) == sorted(sizes)
+    loads = [sum(sizes[n] for n in s) for s in shares]
+    assert max(loads) - min(loads) <= 10  # by count, 3 files each could be 250 vs 50
+
+
+def test_dataloader_workers_read_the_same_blocks(fused):
+    """Worker processes (spawned: the dataset is pickled without its open files) give the
+    blocks the main process gives."""
+    from torch.utils.data import DataLoader
+
+    from fusellm.manifest import load_manifest
+    from fusellm.sharded import shard_paths
+    from fusellm.stages import FUSE
+    from fusellm.train.data import FusedBlocks, collate
+
+    r = load_recipe(fused, TWO)
+    paths = shard_paths(r.stage_dir(FUSE), load_manifest(r.stage_dir(FUSE), FUSE), "train", FUSE)
+    ds = FusedBlocks(paths, 48)
+    ds[0]  # opens files in this process
+    loader = DataLoader(
+        ds, batch_size=4, collate_fn=collate, num_workers=2, multiprocessing_context="spawn"
+    )
+    for i, batch in enumerate(loader):
+        want = collate([ds[j] for j in range(4 * i, min(4 * i + 4, len(ds)))])
+        assert batch.keys() == want.keys()
+        assert all(torch.equal(batch[k], want[k]) for k in want)

@@ -40,6 +40,25 @@ class FusionTrainingArguments(TrainingArguments):
     train_split: str = field(
         default="train", metadata={"help": "corpus split of the fused shards to train on"}
     )
+    save_total_limit: int | None = field(
+        default=2,
+        metadata={
+            "help": "complete checkpoints kept while training (the newest; an older one is "
+            "deleted only once a newer one is complete); None keeps all"
+        },
+    )
+    keep_checkpoints_when_done: bool = field(
+        default=True,
+        metadata={
+            "help": "keep the checkpoints once the model is saved (the final one re-saves a "
+            "damaged model; they continue training by hand); false deletes them then"
+        },
+    )
+    # fusellm rotates checkpoints itself (fusellm.train.trainer.CompletionMarker), after a
+    # new checkpoint is complete: the Trainer's rotation runs before that, and a run killed
+    # in between would be left with no checkpoint to resume from. __post_init__ moves
+    # save_total_limit here and leaves the Trainer's None.
+    checkpoint_limit: int | None = field(default=None, init=False)
     head_chunk_tokens: int = field(
         default=-1,
         metadata={
@@ -50,6 +69,9 @@ class FusionTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be >= 1, got {self.save_total_limit}")
+        self.checkpoint_limit, self.save_total_limit = self.save_total_limit, None
         if not 0.0 <= self.lm_weight <= 1.0:
             raise ValueError(f"lm_weight must be in [0, 1], got {self.lm_weight}")
         if self.teacher_temperature <= 0:

@@ -151,6 +151,10 @@ class FusedBlocks(torch.utils.data.Dataset):
     def padding_fraction(self) -> float:
         return 1.0 - self.total / (len(self) * self.block_size)
 
+    def __getstate__(self) -> dict:
+        # Open files stay behind when a spawned dataloader worker gets a pickled copy.
+        return {**self.__dict__, "_open": OrderedDict()}
+
     def _reader(self, s: int) -> RowReader:
         if os.getpid() != self._pid:  # a dataloader worker: its own file handles
             self._open, self._pid = OrderedDict(), os.getpid()

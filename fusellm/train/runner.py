@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import shutil
 import time
 from pathlib import Path
 
@@ -88,8 +89,11 @@ def _run(recipe: Recipe, force: bool, stage: str, overrides: dict) -> dict | Non
         log.info("%s: %d process(es), device %s", stage, args.world_size, args.device)
         # Checkpoints are partial work that a rerun resumes: keep them unless inputs changed.
         ckpts = sd.path / "checkpoints"
-        todo = on_rank0(
-            lambda: sd.prepare(force, can_regenerate=lambda old: _cannot_resave(old, ckpts))
+        todo, previous = on_rank0(
+            lambda: (
+                sd.prepare(force, can_regenerate=lambda old: _cannot_resave(old, ckpts)),
+                sd.previous,
+            )
         )
         if not todo:
             log.info("%s: complete and unchanged at %s (skipped)", stage, sd.path)
@@ -97,10 +101,12 @@ def _run(recipe: Recipe, force: bool, stage: str, overrides: dict) -> dict | Non
         with start_run(
             recipe, stage, {"train": config, **fingerprint}, enabled=_rank0()
         ) as tracker:
-            paths = shard_paths(fuse_dir, fuse_man, split, FUSE)
-            stats, out_dir = _train(recipe, args, sd, paths)
-            if sd.previous is not None:  # only re-saved from the final checkpoint
-                stats = {**sd.previous["stats"], "resaved_from_checkpoint": True}
+            if previous is not None:  # a finished run whose model was damaged
+                out_dir = on_rank0(lambda: _resave(recipe, args, sd))
+                stats = {**previous["stats"], "resaved_from_checkpoint": True}
+            else:
+                paths = shard_paths(fuse_dir, fuse_man, split, FUSE)
+                stats, out_dir = _train(recipe, args, sd, paths)
             tracker.summary(stats)
     if args.process_index != 0:
         return None
@@ -114,10 +120,14 @@ def _run(recipe: Recipe, force: bool, stage: str, overrides: dict) -> dict | Non
 
 def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]:
     """Train on this process; returns the run's stats and the saved model directory."""
-    import torch
 
     from fusellm.train.data import FusedBlocks, collate
-    from fusellm.train.trainer import CompletionMarker, FusionTrainer, NonFiniteGradStop
+    from fusellm.train.trainer import (
+        CompletionMarker,
+        FusionTrainer,
+        NonFiniteGradStop,
+        checkpoints,
+    )
 
     spec = recipe.models[recipe.target]
     dataset = FusedBlocks(paths, args.block_size, args.packing)
@@ -171,7 +181,7 @@ def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]
         args=args,
         train_dataset=dataset,
         data_collator=collate,
-        callbacks=[NonFiniteGradStop(), CompletionMarker()],
+        callbacks=[NonFiniteGradStop(), CompletionMarker(args.checkpoint_limit)],
     )
     ckpts = sd.path / "checkpoints"
     resume = on_rank0(lambda: _resume_point(ckpts))
@@ -185,14 +195,18 @@ def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]
     out_dir = sd.path / "model"
     # Written in place (every rank takes part in gathering ZeRO-3 weights): the manifest,
     # written after it, is what makes it count.
-    if not args.deepspeed and spec.dtype in ("bfloat16", "float16"):
-        model.to(getattr(torch, spec.dtype))  # saved as the recipe's model entry says
+    if (dtype := _save_dtype(spec, args)) is not None:
+        model.to(dtype)  # saved as the recipe's model entry says
     with write_failure_names(out_dir):
         trainer.save_model(str(out_dir))
         if args.process_index == 0:
             tok.save_pretrained(str(out_dir))
             # A pickle of the arguments; the recipe and manifest already record them.
             (out_dir / "training_args.bin").unlink(missing_ok=True)
+            if not args.keep_checkpoints_when_done:  # resume points of a finished run
+                for p in checkpoints(ckpts).values():
+                    log.info("train: deleting %s (the model is saved)", p)
+                    shutil.rmtree(p)
     secs = time.time() - t0
     stats = {
         "train_loss": result.training_loss,
@@ -204,6 +218,37 @@ def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]
         "tokens_per_s": round(dataset.total * args.num_train_epochs / max(secs, 1e-9), 1),
     }
     return stats, out_dir
+
+
+def _save_dtype(spec, args):
+    """The dtype the trained model is saved in when it is not the one it trained in: the
+    entry's bf16/fp16 for float32 masters trained without DeepSpeed; else None."""
+    import torch
+
+    if not args.deepspeed and spec.dtype in ("bfloat16", "float16"):
+        return getattr(torch, spec.dtype)
+    return None
+
+
+def _resave(recipe: Recipe, args, sd: StageDir) -> Path:
+    """Save a finished run's model again from the weights its final checkpoint holds
+    (``trainer.save_model`` wrote the same ones there), without a Trainer: resuming a run
+    at its last step would train one step more."""
+    from transformers import AutoModelForCausalLM
+
+    from fusellm.train.trainer import latest_complete_checkpoint
+
+    spec = recipe.models[recipe.target]
+    final = latest_complete_checkpoint(sd.path / "checkpoints")
+    log.info("%s: re-saving the model from %s", sd.stage, final)
+    model = AutoModelForCausalLM.from_pretrained(
+        final, dtype=_save_dtype(spec, args) or "auto", trust_remote_code=spec.trust_remote_code
+    )
+    out_dir = sd.path / "model"
+    with write_failure_names(out_dir):
+        model.save_pretrained(out_dir)
+        load_tokenizer(spec, recipe.target).save_pretrained(out_dir)
+    return out_dir
 
 
 def _cannot_resave(old_manifest: dict, ckpts: Path) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -308,36 +309,60 @@ def _deepspeed_grads_finite(engine) -> bool:
 class CompletionMarker(TrainerCallback):
     """Write a marker into each checkpoint after the Trainer has fully saved it, with the
     sha256, size and mtime of every file in it: a checkpoint without the marker (killed
-    mid-save) or with a file that no longer matches is never resumed from.
+    mid-save) or with a file that no longer matches is never resumed from. Then keep the
+    newest ``keep`` complete checkpoints (``train.save_total_limit``) and delete older ones:
+    only once the new one is whole, so a run killed while saving still has the previous
+    one to resume from. (The Trainer's own rotation deletes before that; it is off, see
+    :class:`~fusellm.train.config.FusionTrainingArguments`.)
 
-    A 7B ZeRO checkpoint is ~100 GB: every rank hashes a share of the files (after a
-    barrier: each rank writes its own optimizer partition) and rank 0 writes the marker.
-    Assumes a filesystem all ranks share, as resuming ZeRO checkpoints does; DeepSpeed's
-    asynchronous checkpoint engines (files still being written after save returns) are not
-    supported.
+    A 7B ZeRO checkpoint is ~100 GB: every rank hashes a share of the files of about equal
+    bytes (after a barrier: each rank writes its own optimizer partition) and rank 0 writes
+    the marker. Assumes a filesystem all ranks share, as resuming ZeRO checkpoints does;
+    DeepSpeed's asynchronous checkpoint engines (files still being written after save
+    returns) are not supported.
     """
 
+    def __init__(self, keep: int | None = None):
+        self.keep = keep
+
     def on_save(self, args, state, control, **kwargs):
-        import torch.distributed as dist
+        from fusellm.distributed import Rank, all_gather, barrier
 
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        multi = dist.is_available() and dist.is_initialized()
-        if multi:
-            dist.barrier()
-        rank, world = (dist.get_rank(), dist.get_world_size()) if multi else (0, 1)
-        names = sorted(
-            p.relative_to(ckpt).as_posix()
+        barrier()
+        rank = Rank.from_env()
+        sizes = {
+            p.relative_to(ckpt).as_posix(): p.stat().st_size
             for p in ckpt.rglob("*")
             if p.is_file() and p.name != COMPLETE
-        )
-        mine = {n: file_record(ckpt / n) for i, n in enumerate(names) if i % world == rank}
-        shares = [mine]
-        if multi:
-            shares = [None] * world
-            dist.all_gather_object(shares, mine)
-        if rank == 0:
-            files = {k: v for share in shares for k, v in share.items()}
+        }
+        mine = {n: file_record(ckpt / n) for n in share_by_bytes(sizes, rank.world)[rank.rank]}
+        if rank.rank == 0:
+            files = {k: v for share in all_gather(mine) for k, v in share.items()}
             atomic_write_json(ckpt / COMPLETE, {"global_step": state.global_step, "files": files})
+            if self.keep:
+                for old in complete_checkpoints(Path(args.output_dir))[: -self.keep]:
+                    log.info("train: deleting %s (train.save_total_limit %d)", old, self.keep)
+                    shutil.rmtree(old)
+        else:
+            all_gather(mine)
+
+
+def share_by_bytes(sizes: dict[str, int], world: int) -> list[list[str]]:
+    """Split files into ``world`` shares of about equal bytes (largest first, each to the
+    lightest share): a ZeRO checkpoint holds a few files of GBs beside many small ones."""
+    shares: list[list[str]] = [[] for _ in range(world)]
+    load = [0] * world
+    for name, size in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0])):
+        r = load.index(min(load))
+        shares[r].append(name)
+        load[r] += size
+    return shares
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """The checkpoints with a completion marker, oldest first."""
+    return [p for _, p in sorted(checkpoints(output_dir).items()) if (p / COMPLETE).exists()]
 
 
 def checkpoint_problems(ckpt: Path) -> list[tuple[str, Path]]:

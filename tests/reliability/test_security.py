@@ -282,7 +282,7 @@ def test_a_zero2_run_resumes_through_the_safe_loader(pipeline, tmp_path):
 
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     over = [f"run_dir={run}", "tracking.backend=none", f"train.deepspeed={ds}"]
-    over += ["train.max_steps=3", "train.save_steps=1"]
+    over += ["train.max_steps=3", "train.save_steps=1", "train.save_total_limit=null"]
 
     def train(*entry: str) -> None:
         port = ["--master_port", str(free_port())]
