@@ -8,7 +8,6 @@ table.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -20,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fusellm.bench.config import BenchConfig, EnsembleRef
+from fusellm.bench.decontam import open_index
 from fusellm.bench.report import plot, to_csv, to_markdown
 from fusellm.bench.score import (
     LogProbModel,
@@ -136,18 +136,20 @@ def _slug(s: str) -> str:
 
 def load_tasks(recipe: Recipe, cfg: BenchConfig) -> list[Task]:
     corpus_dir = recipe.stage_dir("corpus")
-    exclude = ""
+    index = None
     if cfg.decontaminate and any(t != LM for t in cfg.tasks):
-        train = corpus_dir / "train.jsonl"
-        if train.is_file():
-            with open(train, encoding="utf-8") as f:
-                exclude = "\n".join(json.loads(line)["text"] for line in f)
+        index = open_index(corpus_dir)
+        if index is None:
+            log.warning(
+                "bench: no training split at %s; task items are not decontaminated",
+                corpus_dir / "train.jsonl",
+            )
     tasks = []
     for name in cfg.tasks:
         if name == LM:
             tasks.append(load_lm(corpus_dir, cfg.split, None, recipe.seed))
         else:
-            t = load_task(name, cfg.limit, recipe.seed, exclude)
+            t = load_task(name, cfg.limit, recipe.seed, index)
             if t.contaminated:
                 log.info(
                     "bench: %s: %d item(s) dropped, found in the training corpus",
