@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import fusellm.bench.decontam as dc
-from fusellm.bench.decontam import NGRAMS, PREFIX, ngram_hashes, open_index, text_words
+from fusellm.bench.decontam import FENCES, NGRAMS, PREFIX, ngram_hashes, open_index, text_words
 from fusellm.storage import TMP_MARK
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +53,9 @@ def test_words_ignore_case_punctuation_and_width_and_split_spaceless_scripts():
     assert text_words("हिन्दी भाषा") == ["हिन्दी", "भाषा"]
     assert text_words("ไม่") == ["ไ", "ม่"]  # Thai: per character, the tone mark kept
     assert text_words("Ünïcode ÜNÏCODE") == ["ünïcode", "ünïcode"]
+    # the ASCII fast path finds exactly what the Unicode pattern finds
+    ascii_text = "".join(map(chr, range(128))).casefold() * 3
+    assert dc._ASCII_WORD.findall(ascii_text) == dc._WORD.findall(ascii_text)
 
 
 def test_hashes_depend_on_the_words_only_never_on_where_they_stand():
@@ -84,10 +87,12 @@ def test_the_index_is_every_ngram_of_every_document_across_runs_and_cuts(tmp_pat
     index = open_index(tmp_path / "corpus")
     expect = np.unique(ngram_hashes(whole, [13, 8]))
     assert len(expect) > 10 * dc.RUN_HASHES  # many runs were merged
-    assert np.array_equal(np.asarray(index.hashes), expect)
+    assert np.array_equal(np.load(index.path / NGRAMS), expect)
+    assert np.array_equal(index.fence, expect[:: dc.FENCE])
+    assert index._found(expect).all() and not index._found(expect + np.uint64(1)).any()
     info = json.loads((index.path / "index.json").read_text())
     assert info["ngrams"] == len(expect) and info["documents"] == len(lines)
-    assert sorted(p.name for p in index.path.iterdir()) == ["index.json", NGRAMS]  # runs gone
+    assert sorted(p.name for p in index.path.iterdir()) == [FENCES, "index.json", NGRAMS]
 
 
 def test_items_overlapping_the_corpus_are_found_by_their_words(tmp_path):
@@ -181,7 +186,7 @@ def test_a_damaged_index_is_rebuilt(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         again = open_index(corpus)
     assert "is damaged" in caplog.text and len(again) == n
-    np.save(again.path / NGRAMS, np.asarray(again.hashes)[1:])  # loads, but one hash short
+    np.save(again.path / NGRAMS, np.load(again.path / NGRAMS)[1:])  # loads, one hash short
     caplog.clear()
     with caplog.at_level("WARNING"):
         third = open_index(corpus)

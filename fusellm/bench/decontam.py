@@ -4,8 +4,9 @@ Bench drops a task item whose text overlaps the training corpus (the GPT-3 and
 lm-evaluation-harness test: a shared word 13-gram). The train split is read once into
 the 64-bit hashes of its word 13-grams (and 8-grams, for short items; see
 :meth:`DecontamIndex.contains`), kept on disk as one sorted array beside the corpus
-manifest and memory-mapped for lookups: memory stays bounded whatever the corpus size,
-and later bench runs (other tasks, other models) reuse it without reading the corpus.
+manifest and read a 4 KB block per lookup: memory stays bounded whatever the corpus
+size, and later bench runs (other tasks, other models) reuse it without reading the
+corpus.
 
 Words. Text is NFKC-normalised and case-folded; a word is a maximal run of letters,
 digits and combining marks, so punctuation, spaces and ``_`` only separate words
@@ -18,30 +19,34 @@ specific phrase. Korean is written with spaces and gets words.
 Hashes. An n-gram's words joined by NUL, as UTF-8 bytes, hashed polynomially mod 2**64
 (prefix sums over a whole batch of documents in one numpy pass) and finished with the
 splitmix64 mixer. With a billion hashes in the index a clean item of 50 n-grams is
-flagged by a collision about once in 10**8 items.
+flagged by a collision less than once in 10**8 items.
 
-Cache. ``corpus/decontam-<key>/`` holds ``ngrams.npy`` (uint64 [N], sorted, unique;
-loaded without pickle) and ``index.json``. The key is the train split's sha256 (the
+Cache. ``corpus/decontam-<key>/`` holds ``ngrams.npy`` (uint64 [N], sorted, unique),
+``fence.npy`` (see :class:`DecontamIndex`; both read without pickle) and ``index.json``. The key is the train split's sha256 (the
 corpus manifest's record, trusted while the file keeps the recorded size and mtime) and
 the settings here, so a changed train split gets a new index and the stale one is
 deleted. The build hashes :data:`RUN_HASHES` at a time into sorted runs on disk, then
-merges them blockwise into one array: RAM stays under ~1 GB however long the corpus; the
-disk holds the runs and the index (8 bytes per n-gram each) until the runs are deleted.
+merges them blockwise into one array: RAM stays ~0.4 GB however long the corpus
+(``scripts/bench_decontam.py``); the disk holds the runs and the index (8 bytes per
+n-gram each, about 2 n-grams per word) until the runs are deleted.
 The directory is written with :func:`fusellm.storage.atomic_dir`: a killed build leaves
 only a temp directory, which is never read and is deleted by the next build.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import os
 import re
 import shutil
 import time
 import unicodedata
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import regex
@@ -71,10 +76,12 @@ SETTINGS = {
 }
 PREFIX = "decontam-"
 NGRAMS = "ngrams.npy"
+FENCES = "fence.npy"
+FENCE = 512  # hashes per 4 KB block of ngrams.npy
 INFO = "index.json"
-RUN_HASHES = 1 << 24  # hashes sorted in RAM at a time (128 MB)
-MERGE_HASHES = 1 << 24  # hashes held, over all runs, per merge step
-BATCH_CHARS = 1 << 22  # text per hashing pass (~200 MB of numpy temporaries)
+RUN_HASHES = 1 << 23  # hashes sorted in RAM at a time (64 MB)
+MERGE_HASHES = 1 << 23  # hashes held, over all runs, per merge step
+BATCH_CHARS = 1 << 21  # text per hashing pass (~100 MB of numpy temporaries)
 
 _SPACELESS = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}"
 _WORD = regex.compile(rf"(?V1)[{_SPACELESS}]\p{{M}}*|[[\p{{L}}\p{{N}}\p{{M}}]--[{_SPACELESS}]]+")
@@ -142,21 +149,40 @@ def _sorted_unique(x: np.ndarray) -> np.ndarray:
 
 
 class DecontamIndex:
-    """The n-gram hashes of a train split, memory-mapped (uint64 [N], sorted, unique)."""
+    """The n-gram hashes of a train split: ``ngrams.npy`` (uint64 [N], sorted, unique) on
+    disk and, in RAM, ``fence`` (uint64 [⌈N / FENCE⌉]: the first hash of each 4 KB block).
+    A lookup finds its block in the fence and reads that block alone, with pread rather
+    than a memory map: a map's touched pages count toward the RSS, and a thousand items
+    touch most pages of a gigabyte index."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.hashes = np.load(path / NGRAMS, mmap_mode="r")
+        with open(path / NGRAMS, "rb") as f:
+            np.lib.format.read_magic(f)
+            (self.n,), _, dtype = np.lib.format.read_array_header_1_0(f)
+            self.offset = f.tell()
+        size = (path / NGRAMS).stat().st_size
+        if dtype != np.dtype("<u8") or size != self.offset + 8 * self.n:
+            raise ValueError(f"{size} bytes of {dtype} where {self.n} uint64 belong")
+        self.fence = np.load(path / FENCES)
+        if self.fence.dtype != np.dtype("<u8") or len(self.fence) != -(-self.n // FENCE):
+            raise ValueError(f"{FENCES} has {len(self.fence)} entries for {self.n} hashes")
 
     def __len__(self) -> int:
-        return len(self.hashes)
+        return self.n
 
     def _found(self, h: np.ndarray) -> np.ndarray:
-        """bool [len(h)]: which hashes are in the index (binary search on the mapped file)."""
-        if not len(self.hashes):
-            return np.zeros(len(h), bool)
-        i = np.minimum(np.searchsorted(self.hashes, h), len(self.hashes) - 1)
-        return self.hashes[i] == h
+        """bool [len(h)]: which of the hashes ``h`` (uint64) are in the index."""
+        found = np.zeros(len(h), bool)
+        blocks = np.searchsorted(self.fence, h, side="right") - 1  # -1: below the smallest
+        with open(self.path / NGRAMS, "rb") as f:
+            for b in np.unique(blocks[blocks >= 0]):
+                data = os.pread(f.fileno(), 8 * FENCE, self.offset + 8 * FENCE * int(b))
+                block = np.frombuffer(data, "<u8")
+                sel = blocks == b
+                i = np.minimum(np.searchsorted(block, h[sel]), len(block) - 1)
+                found[sel] = block[i] == h[sel]
+        return found
 
     def contains(self, text: str) -> bool:
         """Whether ``text`` (an item's question and gold answer) overlaps the corpus.
@@ -215,10 +241,10 @@ def _load(dest: Path) -> DecontamIndex | None:
     try:
         index = DecontamIndex(dest)
         n = read_json(dest / INFO)["ngrams"]
-        if index.hashes.dtype == np.uint64 and index.hashes.shape == (n,):
+        if len(index) == n:
             return index
-        problem = f"{index.hashes.shape[0]} hashes, {n} recorded"
-    except (OSError, ValueError, KeyError) as e:
+        problem = f"{len(index)} hashes, {n} recorded"
+    except (OSError, ValueError, KeyError, EOFError) as e:
         problem = str(e)
     log.warning("bench: decontamination index %s is damaged (%s); rebuilding it", dest, problem)
     return None
@@ -231,7 +257,7 @@ def _build(train: Path, dest: Path, sha: str) -> None:
     )
     with atomic_dir(dest) as tmp:
         runs, docs = _hash_runs(train, tmp)
-        n = _merge(runs, tmp / NGRAMS)
+        n = _merge(runs, tmp)
         for p in runs:
             p.unlink()
         info = {**SETTINGS, "train_sha256": sha, "documents": docs, "ngrams": n}
@@ -272,9 +298,10 @@ def _hash_runs(train: Path, scratch: Path) -> tuple[list[Path], int]:
         pending.append(h)
         held += len(h)
         if held >= RUN_HASHES or (last and held):
+            run = np.concatenate(pending)
+            pending, held = [], 0  # freed before the sort's copies
             runs.append(scratch / f"run-{len(runs):05d}.npy")
-            np.save(runs[-1], _sorted_unique(np.concatenate(pending)))
-            pending, held = [], 0
+            np.save(runs[-1], _sorted_unique(run))
 
     batch: list[list[str]] = []
     chars = lines = 0
@@ -305,33 +332,61 @@ def _npy_header(n: int) -> bytes:
     return buf.getvalue()
 
 
-def _merge(runs: list[Path], out: Path) -> int:
-    """Merge sorted unique runs into one sorted unique uint64 .npy; returns its length.
+class _Run:
+    """A sorted run (.npy) read a block at a time into ``buf``. Plain reads, not a memory
+    map: mapped pages count toward the process's RSS until unmapped."""
 
-    Each step takes a block from every run, and from each block every hash up to the
-    smallest block end: no later block holds one of those, so the step's hashes are
-    final once sorted and deduplicated. RAM: :data:`MERGE_HASHES` over all runs."""
-    arrays = [a for a in (np.load(p, mmap_mode="r") for p in runs) if len(a)]
-    total = sum(len(a) for a in arrays)
-    block = max(1, MERGE_HASHES // max(1, len(arrays)))
-    pos = [0] * len(arrays)
+    def __init__(self, f: BinaryIO, block: int):
+        self.f = f
+        np.lib.format.read_magic(f)
+        (self.left,), _, _ = np.lib.format.read_array_header_1_0(f)
+        self.block = block
+        self.buf = np.empty(0, np.uint64)
+        self.refill()
+
+    def refill(self) -> None:
+        if not len(self.buf) and self.left:
+            self.buf = np.empty(min(self.block, self.left), np.uint64)
+            self.f.readinto(memoryview(self.buf).cast("B"))
+            self.left -= len(self.buf)
+
+    def take(self, top: np.uint64) -> np.ndarray:
+        """The buffered hashes up to ``top``."""
+        k = int(np.searchsorted(self.buf, top, side="right"))
+        out, self.buf = self.buf[:k], self.buf[k:]
+        self.refill()
+        return out
+
+
+def _merge(paths: list[Path], dest: Path) -> int:
+    """Merge sorted unique runs into one sorted unique uint64 ``dest/ngrams.npy`` and its
+    ``fence.npy``; returns the number of hashes.
+
+    Each step takes, from every run's buffered block, the hashes up to the smallest block
+    end: no later block holds one of those, so the step's hashes are final once sorted and
+    deduplicated. RAM: :data:`MERGE_HASHES` over all runs."""
+    block = max(1, MERGE_HASHES // max(1, len(paths)))
     n = 0
-    with open(out, "wb") as f, tqdm(total=total, unit="hash", desc="decontamination merge") as bar:
+    fence = [np.empty(0, np.uint64)]
+    with contextlib.ExitStack() as files:
+        runs = [_Run(files.enter_context(open(p, "rb")), block) for p in paths]
+        f = files.enter_context(open(dest / NGRAMS, "wb"))
+        total = sum(len(r.buf) + r.left for r in runs)
+        bar = files.enter_context(tqdm(total=total, unit="hash", desc="decontamination merge"))
         f.write(_npy_header(total))
-        live = list(range(len(arrays)))
+        live = [r for r in runs if len(r.buf)]
         while live:
-            blocks = {i: arrays[i][pos[i] : pos[i] + block] for i in live}
-            top = min(b[-1] for b in blocks.values())
-            parts = []
-            for i, b in blocks.items():
-                k = int(np.searchsorted(b, top, side="right"))
-                parts.append(b[:k])
-                pos[i] += k
+            top = min(r.buf[-1] for r in live)
+            parts = [r.take(top) for r in live]
             merged = _sorted_unique(np.concatenate(parts))
             f.write(merged.astype("<u8", copy=False).data)
+            # the hashes at positions that are multiples of FENCE (a copy: a view would keep
+            # every merged block alive)
+            fence.append(merged[-n % FENCE :: FENCE].copy())
             n += len(merged)
             bar.update(sum(len(p) for p in parts))
-            live = [i for i in live if pos[i] < len(arrays[i])]
+            live = [r for r in live if len(r.buf)]
         f.seek(0)
         f.write(_npy_header(n))
+    np.save(dest / FENCES, np.concatenate(fence).astype("<u8", copy=False))
     return n
