@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -219,15 +222,72 @@ def test_bench_names_unknown_model_and_unbuilt_stage(bench_recipe, capsys):
     assert "unknown task 'arc_easy:bogus'" in capsys.readouterr().err
 
 
-def test_items_found_in_the_training_corpus_are_dropped():
-    from fusellm.bench.tasks import load_task
+_opened: list[str] | None = None  # paths opened while a test listens (audit hooks stay)
 
-    clean = load_task("arc_easy:rc_0shot", 5, 0)
-    ctx, cont = clean.items[2].requests[clean.items[2].gold]
-    corpus = "some text\n" + ctx + cont + "\nmore text"
-    dirty = load_task("arc_easy:rc_0shot", 5, 0, exclude=corpus)
-    assert dirty.contaminated == 1 and len(dirty.items) == 5
-    assert clean.items[2].id not in [it.id for it in dirty.items]
+
+def _listen(event: str, args: tuple) -> None:
+    if _opened is not None and event == "open" and isinstance(args[0], (str, os.PathLike)):
+        _opened.append(os.fspath(args[0]))
+
+
+def test_items_found_in_the_training_corpus_are_dropped_and_the_index_is_reused(
+    bench_recipe, tiny_models
+):
+    """An item whose question and answer sit in a training document (other case and
+    punctuation, across the corpus stage's cuts) is dropped; a second bench run with other
+    tasks reuses the index without opening train.jsonl; a changed train split rebuilds it."""
+    global _opened
+    from fusellm.bench.decontam import PREFIX
+    from fusellm.bench.tasks import load_task, question_and_answer
+    from fusellm.corpus.core import split_of
+
+    task = "arc_easy:rc_0shot"
+    planted = load_task(task, 5, 0).items[1]
+    text = question_and_answer(planted)  # 26 words: "Question: If you bounce a rubber ball ..."
+    mangled = re.sub(r"\W+", " -- ", text).upper()
+    doc_id = next(f"leak{i}" for i in range(100) if split_of(f"leak{i}", 0.2, 0.2) == "train")
+    data = bench_recipe.parent / "data.jsonl"
+    clean = data.read_text(encoding="utf-8")
+    leak = "A long page of notes before it. " * 8 + mangled + " And more notes after it." * 8
+    data.write_text(clean + json.dumps({"id": doc_id, "text": leak}) + "\n", encoding="utf-8")
+    args = [f"bench.tasks=[{task}]", "bench.limit=5", "bench.models=[llama]"]
+    assert main(["run", str(bench_recipe), "--stages", "corpus,bench", *args]) == 0
+    run = bench_recipe.parent / "run"
+    train = run / "corpus" / "train.jsonl"
+    assert sum(doc_id in line for line in open(train)) > 1  # the leak was cut into chunks
+
+    def results():
+        res = json.loads((run / "bench" / "results.json").read_text())
+        (cache,) = (run / "bench" / "cache").glob(f"llama-*/{task.replace(':', '_')}.json")
+        return res["tasks"], json.loads(cache.read_text())["scores"]["ids"]
+
+    meta, ids = results()
+    assert meta[task]["contaminated_dropped"] == 1 and meta[task]["items"] == 5
+    assert planted.id not in ids
+    (index,) = (run / "corpus").glob(PREFIX + "*")
+    stamp = (index / "ngrams.npy").stat().st_mtime_ns
+    # another task set: the index is reused, the training split never opened
+    if not getattr(sys, "_fusellm_listen", False):
+        sys.addaudithook(_listen)
+        sys._fusellm_listen = True
+    _opened = []
+    try:
+        more = [f"bench.tasks=[{task},piqa:rc_0shot]", "bench.limit=5", "bench.models=[llama]"]
+        assert main(["bench", str(bench_recipe), *more]) == 0
+        opened = list(_opened)
+    finally:
+        _opened = None
+    assert str(index / "ngrams.npy") in opened and str(train) not in opened
+    assert list((run / "corpus").glob(PREFIX + "*")) == [index]
+    assert (index / "ngrams.npy").stat().st_mtime_ns == stamp
+    # the leak removed from the corpus: a new train split, a new index, the item is back
+    data.write_text(clean, encoding="utf-8")
+    assert main(["corpus", str(bench_recipe), "--force"]) == 0
+    assert main(["bench", str(bench_recipe), *args]) == 0
+    meta, ids = results()
+    assert meta[task]["contaminated_dropped"] == 0 and planted.id in ids
+    (rebuilt,) = (run / "corpus").glob(PREFIX + "*")
+    assert rebuilt != index
 
 
 def test_lm_bootstrap_resamples_documents_not_chunks():

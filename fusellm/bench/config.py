@@ -68,7 +68,9 @@ class BenchConfig(BaseModel):
     batch_tokens: int = Field(2048, ge=64, description="padded tokens per forward batch")
     bootstrap: int = Field(1000, ge=100, description="resamples for standard errors")
     decontaminate: bool = Field(
-        True, description="drop task items whose text occurs in the corpus train split"
+        True,
+        description="drop task items that share a word 13-gram with the corpus train split "
+        "(see fusellm.bench.decontam)",
     )
     harness: HarnessConfig = Field(default_factory=HarnessConfig)
 

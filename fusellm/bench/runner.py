@@ -10,7 +10,6 @@ table. Tasks: ``lm`` and OLMES tasks (:mod:`fusellm.bench.tasks`), lm-eval tasks
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -20,6 +19,7 @@ from typing import Any
 
 from fusellm import distributed
 from fusellm.bench.config import BenchConfig, EnsembleRef
+from fusellm.bench.decontam import open_index
 from fusellm.bench.harness import is_harness
 from fusellm.bench.harness import load_tasks as load_harness_tasks
 from fusellm.bench.harness import score_task as score_harness_task
@@ -139,12 +139,15 @@ def _slug(s: str) -> str:
 
 def load_tasks(recipe: Recipe, cfg: BenchConfig) -> list[Task]:
     corpus_dir = recipe.stage_dir(CORPUS)
-    exclude = ""
+    index = None
     if cfg.decontaminate and any(t != LM and not is_harness(t) for t in cfg.tasks):
-        train = corpus_dir / "train.jsonl"
-        if train.is_file():
-            with open(train, encoding="utf-8") as f:
-                exclude = "\n".join(json.loads(line)["text"] for line in f)
+        on_rank0(lambda: open_index(corpus_dir) and None)  # one rank builds it, once
+        index = open_index(corpus_dir)
+        if index is None:
+            log.warning(
+                "bench: no training split at %s; task items are not decontaminated",
+                corpus_dir / "train.jsonl",
+            )
     harness = [(n, f"bench.tasks.{i}") for i, n in enumerate(cfg.tasks) if is_harness(n)]
     if harness and cfg.decontaminate:
         log.info("bench: harness tasks are not checked against the training corpus")
@@ -160,7 +163,7 @@ def load_tasks(recipe: Recipe, cfg: BenchConfig) -> list[Task]:
         elif is_harness(name):
             tasks.append(next(rendered))
         else:
-            t = load_task(name, cfg.limit, recipe.seed, exclude)
+            t = load_task(name, cfg.limit, recipe.seed, index)
             if t.contaminated:
                 log.info(
                     "bench: %s: %d item(s) dropped, found in the training corpus",

@@ -12,10 +12,14 @@ import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fusellm.packages import package_dir
+
+if TYPE_CHECKING:
+    from fusellm.bench.decontam import DecontamIndex
 
 LM = "lm"
 
@@ -68,9 +72,10 @@ def check_task(name: str) -> None:
         _task_dir(name)
 
 
-def load_task(name: str, limit: int | None, seed: int, exclude: str = "") -> Task:
+def load_task(name: str, limit: int | None, seed: int, index: DecontamIndex | None = None) -> Task:
     """Items of an OLMES task: a ``seed``-ed subsample of ``limit`` items, minus those whose
-    text occurs in ``exclude`` (the training corpus) when it is given."""
+    question and answer overlap the training corpus (``index``, see
+    :meth:`fusellm.bench.decontam.DecontamIndex.contains`) when it is given."""
     d = _task_dir(name)
     cfg = json.loads((d / "config.json").read_text())["task_config"]
     offset = cfg.get("metric_kwargs", {}).get("uncond_docid_offset", 1_000_000)
@@ -100,7 +105,7 @@ def load_task(name: str, limit: int | None, seed: int, exclude: str = "") -> Tas
         it = items[i]
         if limit is not None and len(kept) >= limit:
             break
-        if exclude and _occurs(it, exclude):
+        if index is not None and index.contains(question_and_answer(it)):
             dropped += 1
             continue
         kept.append(it)
@@ -113,12 +118,11 @@ def load_task(name: str, limit: int | None, seed: int, exclude: str = "") -> Tas
     return Task(name, kind, kept, shots, str(path), available, dropped, primary)
 
 
-def _occurs(item: Item, text: str) -> bool:
-    # The question (the last part of the context, after any few-shot examples) plus the
-    # gold answer; a 200-character probe is long enough not to match by chance.
+def question_and_answer(item: Item) -> str:
+    """What decontamination looks for in the training corpus: the question (the last part
+    of the context, after any few-shot examples) and the gold answer."""
     ctx, cont = item.requests[item.gold]
-    probe = (ctx.split("\n\n")[-1] + cont)[-200:]
-    return len(probe) >= 40 and probe in text
+    return ctx.split("\n\n")[-1] + cont
 
 
 def load_lm(corpus_dir: Path, split: str, limit: int | None, seed: int) -> Task:
