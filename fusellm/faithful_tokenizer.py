@@ -24,8 +24,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fusellm.models import Located, ModelLoadError, _cached_sha256, cache_root, encode
-from fusellm.storage import atomic_write_json
+from fusellm.models import Located, ModelLoadError, encode
+from fusellm.storage import atomic_write_json, cache_root, cached_sha256
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -374,7 +374,7 @@ def _check_key(folder: Path) -> str:
     h = hashlib.sha256()
     for f in TOKENIZER_FILES:
         if (folder / f).is_file():
-            h.update(f"{f}={_cached_sha256(folder / f)}\0".encode())
+            h.update(f"{f}={cached_sha256(folder / f)}\0".encode())
     for pkg in ("transformers", "tokenizers", "sentencepiece"):
         h.update(f"{pkg}={version(pkg)}\0".encode())
     h.update("\0".join(SP_CHECK_TEXTS).encode())

@@ -77,7 +77,7 @@ from typing import TYPE_CHECKING
 
 from fusellm.packages import PKG_PREFIX, resolve_pkg_path
 from fusellm.recipe import ModelSpec
-from fusellm.storage import atomic_write_bytes, sha256_file
+from fusellm.storage import cache_root, cached_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -100,10 +100,6 @@ class ModelInputError(ValueError):
 POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_seq_len")
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("FUSELLM_CACHE", "~/.cache/fusellm")).expanduser()
-
-
 @dataclass(frozen=True)
 class Located:
     """Where a model's files are after resolving the spec."""
@@ -122,14 +118,14 @@ def locate(spec: ModelSpec, name: str) -> Located:
             module = p[len(PARTS_PREFIX) :]
             out = cache_root() / "gguf" / f"{module}.gguf"
             path = Path(importlib.import_module(module).assemble(out))
-            return Located("gguf", str(path), "sha256:" + _cached_sha256(path))
+            return Located("gguf", str(path), "sha256:" + cached_sha256(path))
         path = resolve_pkg_path(p)
     except (ImportError, FileNotFoundError, ValueError) as e:
         raise ModelLoadError(f"model '{name}': cannot resolve path '{p}': {e}") from None
     if spec.gguf_file:
         path = path / spec.gguf_file
     if path.is_file() and path.suffix == ".gguf":
-        return Located("gguf", str(path), "sha256:" + _cached_sha256(path))
+        return Located("gguf", str(path), "sha256:" + cached_sha256(path))
     if path.is_dir():
         return Located("dir", str(path), "dir-sha256:" + _dir_identity(path))
     # Hub ids are "name" or "org/name"; anything else that does not exist is a bad path.
@@ -164,28 +160,6 @@ def _resolve_commit(repo_id: str, revision: str | None, cache_dir: str) -> str:
     ).resolved
 
 
-def _cached_sha256(path: Path) -> str:
-    """sha256 of a (large) file, memoised on disk by path, size and mtime."""
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[
-        :32
-    ]
-    memo = cache_root() / "sha256" / key
-    if memo.exists():
-        return memo.read_text().strip()
-    import fcntl
-
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    # Ranks starting together would each hash the same 14 GB: one does, the rest wait.
-    with open(memo.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if memo.exists():
-            return memo.read_text().strip()
-        digest = sha256_file(path)
-        atomic_write_bytes(memo, digest.encode())
-    return digest
-
-
 def _dir_identity(path: Path) -> str:
     """Identity of an HF directory: a hash of the contents of its files.
 
@@ -200,7 +174,7 @@ def _dir_identity(path: Path) -> str:
             if f.suffix == ".json" and f.stat().st_size < 50_000_000:
                 h.update(f.read_bytes())
             else:
-                h.update(_cached_sha256(f).encode())
+                h.update(cached_sha256(f).encode())
     return h.hexdigest()
 
 

@@ -197,12 +197,41 @@ def record_problem(path: str | os.PathLike, rec: dict[str, Any], full: bool = Fa
     return None
 
 
+def cache_root() -> Path:
+    """Where fusellm keeps what it computes once per machine (``$FUSELLM_CACHE``, default
+    ``~/.cache/fusellm``): converted models and tokenizers, memoised hashes."""
+    return Path(os.environ.get("FUSELLM_CACHE", "~/.cache/fusellm")).expanduser()
+
+
+def cached_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a (large) file, memoised under the cache by path, size and mtime: a model's
+    weights or a corpus input are hashed once, not on every run that checks them."""
+    path = Path(path)
+    st = path.stat()
+    key = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
+    memo = cache_root() / "sha256" / hashlib.sha256(key.encode()).hexdigest()[:32]
+    if memo.exists():
+        return memo.read_text().strip()
+    import fcntl
+
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    # Ranks starting together would each hash the same 14 GB: one does, the rest wait.
+    with open(memo.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if memo.exists():
+            return memo.read_text().strip()
+        digest = sha256_file(path)
+        atomic_write_bytes(memo, digest.encode())
+    return digest
+
+
 def sha256_tree(path: str | os.PathLike) -> str:
-    """Hash of a file, or of every file under a directory (relative names included)."""
+    """Hash of a file, or of every file under a directory (relative names included), each
+    file's hash memoised (:func:`cached_sha256`)."""
     path = Path(path)
     if path.is_file():
-        return sha256_file(path)
+        return cached_sha256(path)
     h = hashlib.sha256()
     for p in sorted(q for q in path.rglob("*") if q.is_file()):
-        h.update(str(p.relative_to(path)).encode() + b"\0" + sha256_file(p).encode())
+        h.update(str(p.relative_to(path)).encode() + b"\0" + cached_sha256(p).encode())
     return h.hexdigest()

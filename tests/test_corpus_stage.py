@@ -140,3 +140,45 @@ def test_resume_skip_refuse_force(tmp_path, tiny_models):
     man = runner.run(r2, force=True)
     assert man["fingerprint"]["config"]["block_size"] == 64
     assert read_json(tmp_path / "run" / "corpus" / "manifest.json")["complete"] is True
+
+
+def test_worker_processes_write_the_same_corpus(tmp_path, tiny_models):
+    """Documents cut in 3 worker processes give byte-identical splits and manifest records
+    to one process (num_proc changes speed only: not part of the stage's identity)."""
+    data = tmp_path / "d.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for i in range(300):  # more than one batch, long enough to be cut
+            f.write(json.dumps({"id": f"d{i}", "text": " ".join(TEXT[i % 8 : i % 8 + 4])}) + "\n")
+    out = {}
+    for n in (1, 3):
+        (tmp_path / f"n{n}").mkdir()
+        inputs = f"    - {{path: {data}, id_field: id}}"
+        r = recipe_for(tmp_path / f"n{n}", tiny_models, inputs, extra=f"  num_proc: {n}")
+        runner.run(r)
+        man = read_json(r.stage_dir("corpus") / "manifest.json")
+        out[n] = (shas(man["files"]), man["fingerprint"], man["stats"])
+    assert out[1] == out[3]
+    assert out[1][2]["splits"]["train"]["chunks"] > out[1][2]["splits"]["train"]["documents"]
+
+
+def test_a_rerun_does_not_hash_the_inputs_again(tmp_path, tiny_models, monkeypatch):
+    """The inputs' identity is memoised by path, size and mtime: checking a finished corpus
+    stage reads no input file (a 6 GB MiniPile was hashed on every call)."""
+    import fusellm.storage
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(TEXT[:20]))
+    )
+    r = recipe_for(tmp_path, tiny_models, f"    - {{path: {data}, id_field: id}}")
+    runner.run(r)
+    hashed = []
+    real = fusellm.storage.sha256_file
+    monkeypatch.setattr(
+        fusellm.storage, "sha256_file", lambda p, *a: hashed.append(p) or real(p, *a)
+    )
+    assert runner.run(r) is None  # complete: skipped
+    assert str(data) not in map(str, hashed)
+    data.write_text(data.read_text() + json.dumps({"id": "new", "text": "more"}) + "\n")
+    with pytest.raises(StageInputsChanged):  # a changed file is hashed again: drift found
+        runner.run(r)

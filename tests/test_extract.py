@@ -348,3 +348,22 @@ def test_bf16_model_logits_are_not_rounded_before_the_log_softmax(tiny_models):
         )
         gold = ref[row, torch.arange(n - 1), ids[row, 1:n]]
         assert torch.allclose(sc.ce[:-1], -gold, atol=1e-4)
+
+
+def test_one_host_copy_per_batch(tiny_models, monkeypatch):
+    """The scorer moves a batch's top-k, log-probs and CE to the host in one copy each (on
+    a GPU every copy is a sync point; the old scorer made 3 per sequence)."""
+    from transformers import AutoModelForCausalLM
+
+    from fusellm.extract.core import TopKScorer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama_bpe"]).eval()
+    scorer = TopKScorer(model, k=4, head_chunk_tokens=7)
+    ids = torch.randint(3, 300, (6, 20))
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0
+    copies = []
+    real = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: copies.append(1) or real(t))
+    out = scorer(ids, mask)
+    assert len(out) == 6 and len(out[2].ce) == 9 and len(copies) == 3

@@ -85,9 +85,8 @@ def _default_names() -> set[str]:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from fusellm.models import cache_root
     from fusellm.recipe import config_hash
-    from fusellm.storage import atomic_write_json, read_json
+    from fusellm.storage import atomic_write_json, cache_root, read_json
 
     root = Path(lm_eval.__file__).parent / "tasks"
     key = config_hash([_lm_eval_version(), str(root), root.stat().st_mtime_ns])[:16]

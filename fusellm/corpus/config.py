@@ -49,6 +49,9 @@ class CorpusConfig(BaseModel):
     )
     min_chars: int = Field(1, ge=1)
     on_error: Literal["error", "skip"] = "error"
+    num_proc: int = Field(
+        0, ge=0, description="processes that cut documents (0: one per core, at most 8)"
+    )
 
     @model_validator(mode="after")
     def _fractions(self) -> CorpusConfig:

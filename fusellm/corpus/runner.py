@@ -19,15 +19,19 @@ model it fits is refused before anything is read, naming the model and its maxim
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import multiprocessing
+import os
 from collections import Counter
+from collections.abc import Iterable, Iterator
 
 from tqdm.auto import tqdm
 
 from fusellm.corpus.builtin import builtin_identity, read_builtin
 from fusellm.corpus.core import SPLITS, Fitter, cut_spans, split_of
-from fusellm.corpus.readers import CorpusInputError, Problems, input_files, read_input
+from fusellm.corpus.readers import CorpusInputError, Problems, RawDoc, input_files, read_input
 from fusellm.manifest import StageDir
 from fusellm.models import (
     ENCODING,
@@ -63,6 +67,65 @@ def _input_identity(recipe: Recipe) -> dict[str, str]:
     return ids
 
 
+CUT_BATCH = 256  # documents handed to the worker processes at a time
+
+
+def _unique(docs: Iterable[RawDoc], seen: dict[str, str], problems: Problems) -> Iterator[RawDoc]:
+    """``docs`` without repeated ids (each repeat reported as ``duplicate_id``)."""
+    for doc in docs:
+        if doc.id in seen:
+            problems.report(
+                "duplicate_id", doc.origin, f"id '{doc.id}' already used at {seen[doc.id]}"
+            )
+            continue
+        seen[doc.id] = doc.origin
+        yield doc
+
+
+def _batches(items: Iterable, n: int) -> Iterator[list]:
+    it = iter(items)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
+
+
+class Cutter:
+    """:func:`cut_spans` over batches of texts, in order, in ``num_proc`` forked worker
+    processes (0: one per CPU core, at most 8; 1: in this process). The workers inherit the
+    tokenizers; each text is cut exactly as in one process, so the output is the same
+    whatever ``num_proc`` is."""
+
+    def __init__(self, fitters: list[Fitter], block_size: int, num_proc: int):
+        global _CUT
+        _CUT = (fitters, block_size)
+        n = self.processes = num_proc or min(os.cpu_count() or 1, 8)
+        self.pool = None
+        if n > 1:
+            # the workers tokenize one text at a time: no thread pools of their own
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            self.pool = multiprocessing.get_context("fork").Pool(n)
+
+    def cut(self, texts: list[str]) -> list[list[tuple[int, int]]]:
+        if self.pool is None:
+            return [_cut(t) for t in texts]
+        return self.pool.map(_cut, texts, chunksize=max(1, len(texts) // (4 * self.processes)))
+
+    def __enter__(self) -> Cutter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+_CUT: tuple[list[Fitter], int] | None = None  # what forked workers cut with
+
+
+def _cut(text: str) -> list[tuple[int, int]]:
+    fitters, block_size = _CUT
+    return cut_spans(text, fitters, block_size)
+
+
 def _fitter(name: str, tok) -> Fitter:
     def spans(text: str):
         return encode(tok, [text], offsets=True)["offset_mapping"][0]
@@ -81,7 +144,8 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
         limit = spec_max_positions(recipe.models[name], name)
         check_positions(name, limit, cfg.block_size, "corpus.block_size")
     fingerprint = {
-        "config": cfg.model_dump(mode="json"),
+        # num_proc changes how fast, never what is written
+        "config": cfg.model_dump(mode="json", exclude={"num_proc"}),
         "inputs": _input_identity(recipe),
         "tokenizers": {n: tokenizer_fingerprint(t) for n, t in toks.items()},
         "encoding": ENCODING,
@@ -94,7 +158,11 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
     problems = Problems(cfg.on_error)
     stats = {s: Counter(documents=0, chunks=0, chars=0) for s in SPLITS}
     seen: dict[str, str] = {}
-    with start_run(recipe, STAGE, fingerprint) as tracker:
+    # the workers are forked first, before W&B starts threads in this process
+    with (
+        Cutter(fitters, cfg.block_size, cfg.num_proc) as cutter,
+        start_run(recipe, STAGE, fingerprint) as tracker,
+    ):
         with (
             atomic_open(sd.path / split_file("train"), "w") as f_train,
             atomic_open(sd.path / split_file("valid"), "w") as f_valid,
@@ -108,34 +176,30 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
                     if inp.builtin
                     else read_input(inp, problems, cfg.min_chars)
                 )
-                for n, doc in enumerate(docs, 1):
-                    if inp.builtin and inp.max_docs is not None and n > inp.max_docs:
-                        break
-                    if doc.id in seen:
-                        problems.report(
-                            "duplicate_id",
-                            doc.origin,
-                            f"id '{doc.id}' already used at {seen[doc.id]}",
+                if inp.builtin and inp.max_docs is not None:
+                    docs = itertools.islice(docs, inp.max_docs)
+                for batch in _batches(_unique(docs, seen, problems), CUT_BATCH):
+                    # Cutting needs every fitter's tokenization of the text: the stage's
+                    # cost. Worker processes cut a batch of documents at a time, in order.
+                    for doc, spans in zip(batch, cutter.cut([d.text for d in batch]), strict=True):
+                        domain = inp.domain or doc.domain
+                        split = split_of(
+                            doc.id, cfg.valid_fraction, cfg.test_fraction, cfg.split_salt
                         )
-                        continue
-                    seen[doc.id] = doc.origin
-                    domain = inp.domain or doc.domain
-                    split = split_of(doc.id, cfg.valid_fraction, cfg.test_fraction, cfg.split_salt)
-                    spans = cut_spans(doc.text, fitters, cfg.block_size)
-                    for i, (a, b) in enumerate(spans):
-                        rec = {
-                            "id": f"{doc.id}#{i}",
-                            "parent": doc.id,
-                            "domain": domain,
-                            "text": doc.text[a:b],
-                        }
-                        out[split].write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    st = stats[split]
-                    st["documents"] += 1
-                    st["chunks"] += len(spans)
-                    st["chars"] += len(doc.text)
-                    st[f"chars/{domain}"] += len(doc.text)
-                    bar.update(1)
+                        for i, (a, b) in enumerate(spans):
+                            rec = {
+                                "id": f"{doc.id}#{i}",
+                                "parent": doc.id,
+                                "domain": domain,
+                                "text": doc.text[a:b],
+                            }
+                            out[split].write(json.dumps(rec, ensure_ascii=False) + "\n")
+                        st = stats[split]
+                        st["documents"] += 1
+                        st["chunks"] += len(spans)
+                        st["chars"] += len(doc.text)
+                        st[f"chars/{domain}"] += len(doc.text)
+                        bar.update(1)
             bar.close()
         total = sum(stats[s]["documents"] for s in SPLITS)
         if total == 0:

@@ -123,17 +123,12 @@ class TopKScorer:
             ce[a:b] = torch.where(
                 has, lse - lg.gather(1, g.clamp(min=0)[:, None])[:, 0], float("nan")
             )
-        out, pos = [], 0
-        for length in lengths:
-            out.append(
-                Scored(
-                    ids[pos : pos + length].cpu(),
-                    lps[pos : pos + length].cpu(),
-                    ce[pos : pos + length].cpu(),
-                )
-            )
-            pos += length
-        return out
+        # One device->host copy per batch, not one per sequence (each a sync point).
+        ids, lps, ce = ids.cpu(), lps.cpu(), ce.cpu()
+        return [
+            Scored(*parts)
+            for parts in zip(ids.split(lengths), lps.split(lengths), ce.split(lengths), strict=True)
+        ]
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,8 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -101,19 +103,20 @@ def shard_documents(
         yield shard, docs
 
 
-def extract_shard(
-    scorer: TopKScorer,
-    tok,
-    docs: list[tuple[str, str]],
-    cfg: ExtractConfig,
-    max_pos: tuple[int, str] | None,
-    name: str,
-) -> list[DocDist]:
-    """Tokenize and score one shard's documents (order kept).
+@dataclass
+class Tokenized:
+    """One shard's documents as the model's tokenizer encodes them (host work only)."""
 
-    Every document is checked against the model (length, token ids) before any forward
-    pass of the shard, so bad input stops with a message instead of an index error.
-    """
+    docs: list[tuple[str, str]]  # (doc id, text)
+    seqs: list[list[int]]  # token ids per document
+    offsets: list  # character spans per document
+
+
+def tokenize_shard(
+    tok, docs: list[tuple[str, str]], cfg: ExtractConfig, max_pos, name: str, vocab_size: int
+) -> Tokenized:
+    """Tokenize one shard's documents and check every one against the model (length, token
+    ids) before any forward pass, so bad input stops with a message, not an index error."""
     enc = encode(tok, [t for _, t in docs], cfg.add_special_tokens, offsets=True)
     seqs = enc["input_ids"]
     for (doc_id, _), s in zip(docs, seqs, strict=True):
@@ -125,47 +128,76 @@ def extract_shard(
             f"add '{name}' to corpus.fit_models or lower corpus.block_size, then rerun "
             "the corpus stage with --force",
         )
-        if s and max(s) >= scorer.vocab_size:
-            bad = next(t for t in s if t >= scorer.vocab_size)
+        if s and max(s) >= vocab_size:
+            bad = next(t for t in s if t >= vocab_size)
             raise ModelInputError(
                 f"model '{name}': extract: document '{doc_id}' has token "
                 f"{tok.convert_ids_to_tokens(bad)!r} (id {bad}) beyond the model's "
-                f"{scorer.vocab_size} embedding rows: the tokenizer does not belong to this "
+                f"{vocab_size} embedding rows: the tokenizer does not belong to this "
                 f"model (check models.{name}.tokenizer)"
             )
+    return Tokenized(docs, seqs, enc["offset_mapping"])
+
+
+def score_shard(scorer: TopKScorer, t: Tokenized, cfg: ExtractConfig) -> list[DocDist]:
+    """Run the model over one tokenized shard (order kept)."""
     # Padded positions are masked and dropped before the head, so any valid id will do:
     # id 0 exists in every vocabulary, whereas the tokenizer's pad token may be missing,
     # be EOS, or be an added token beyond the embedding.
     pad = 0
-    k = cfg.top_k
-    out: list[DocDist | None] = [None] * len(docs)
-    nonempty = [i for i, s in enumerate(seqs) if s]
+    k, dtype = cfg.top_k, getattr(torch, cfg.logprob_dtype)
+    out: list[DocDist | None] = [None] * len(t.docs)
+    nonempty = [i for i, s in enumerate(t.seqs) if s]
     for batch in plan_batches(
-        [len(seqs[i]) for i in nonempty], cfg.batch_tokens, cfg.max_batch_size
+        [len(t.seqs[i]) for i in nonempty], cfg.batch_tokens, cfg.max_batch_size
     ):
         idx = [nonempty[j] for j in batch]
-        ids, mask = pad_batch([seqs[i] for i in idx], pad)
+        ids, mask = pad_batch([t.seqs[i] for i in idx], pad)
         dev = scorer.device
         for i, sc in zip(idx, scorer(ids.to(dev), mask.to(dev)), strict=True):
             out[i] = DocDist(
-                docs[i][0],
-                np.asarray(seqs[i], dtype=np.int32),
-                np.asarray(enc["offset_mapping"][i], dtype=np.int32).reshape(-1, 2),
+                t.docs[i][0],
+                np.asarray(t.seqs[i], dtype=np.int32),
+                np.asarray(t.offsets[i], dtype=np.int32).reshape(-1, 2),
                 sc.topk_ids.numpy(),
-                sc.topk_logprobs.to(getattr(torch, cfg.logprob_dtype)),
+                sc.topk_logprobs.to(dtype),
                 sc.ce.numpy(),
             )
     for i, d in enumerate(out):
         if d is None:  # a document with no tokens for this tokenizer
             out[i] = DocDist(
-                docs[i][0],
+                t.docs[i][0],
                 np.zeros(0, np.int32),
                 np.zeros((0, 2), np.int32),
                 np.zeros((0, k), np.int32),
-                torch.zeros(0, k, dtype=getattr(torch, cfg.logprob_dtype)),
+                torch.zeros(0, k, dtype=dtype),
                 np.zeros(0, np.float32),
             )
     return out  # type: ignore[return-value]
+
+
+def extract_shard(
+    scorer: TopKScorer,
+    tok,
+    docs: list[tuple[str, str]],
+    cfg: ExtractConfig,
+    max_pos: tuple[int, str] | None,
+    name: str,
+) -> list[DocDist]:
+    """Tokenize and score one shard's documents (order kept)."""
+    return score_shard(
+        scorer, tokenize_shard(tok, docs, cfg, max_pos, name, scorer.vocab_size), cfg
+    )
+
+
+def write_dists(
+    dists: list[DocDist], vocab_size: int, cfg: ExtractConfig, name: str, path: Path
+) -> tuple[int, int]:
+    """Serialise and write one shard (hashing it for its sidecar); (tokens, bytes)."""
+    data = encode_shard(dists, vocab_size, {"model": name, "top_k": str(cfg.top_k)})
+    n = sum(len(d.input_ids) for d in dists)
+    write_shard(path, data, len(dists), n)
+    return n, len(data)
 
 
 def run(recipe: Recipe, force: bool = False) -> dict[str, dict | None]:
@@ -235,8 +267,7 @@ def _compute(recipe, cfg, name, spec, tok, corpus_dir, todo, path, rank, fingerp
         load_s = time.time() - t0
         stats = {"tokens": 0, "bytes": 0, "shards": 0}
 
-        def emit(split: str, shard: int, docs: list[tuple[str, str]]) -> None:
-            n, b = _write(scorer, tok, docs, cfg, max_pos, name, path / split / shard_name(shard))
+        def written(n: int, b: int) -> None:
             stats.update(
                 tokens=stats["tokens"] + n, bytes=stats["bytes"] + b, shards=stats["shards"] + 1
             )
@@ -245,9 +276,29 @@ def _compute(recipe, cfg, name, spec, tok, corpus_dir, todo, path, rank, fingerp
                 {**stats, "tokens_per_s": stats["tokens"] / max(time.time() - t0 - load_s, 1e-9)}
             )
 
-        for split, shards in todo.items():
-            for shard, docs in shard_documents(corpus_dir, split, cfg.docs_per_shard, shards):
-                emit(split, shard, docs)
+        # Host work overlaps the model's: the next shard is tokenized and checked, and the
+        # last one serialised, hashed and written, in threads while this one runs (the
+        # tokenizer, hashing and file writes release the GIL). At most one shard waits
+        # at either end; errors surface in order, from .result().
+        shards = (
+            (split, shard, docs)
+            for split, todo_split in todo.items()
+            for shard, docs in shard_documents(corpus_dir, split, cfg.docs_per_shard, todo_split)
+        )
+        v = scorer.vocab_size
+        with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+            ahead = reader.submit(_next_tokenized, shards, tok, cfg, max_pos, name, v)
+            pending = None
+            while (item := ahead.result()) is not None:
+                split, shard, tokenized = item
+                ahead = reader.submit(_next_tokenized, shards, tok, cfg, max_pos, name, v)
+                dists = score_shard(scorer, tokenized, cfg)
+                if pending is not None:
+                    written(*pending.result())
+                path_i = path / split / shard_name(shard)
+                pending = writer.submit(write_dists, dists, v, cfg, name, path_i)
+            if pending is not None:
+                written(*pending.result())
         tokens, bytes_ = stats["tokens"], stats["bytes"]
         secs = time.time() - t0 - load_s
         tracker.summary(
@@ -263,9 +314,10 @@ def _compute(recipe, cfg, name, spec, tok, corpus_dir, todo, path, rank, fingerp
         )
 
 
-def _write(scorer, tok, docs, cfg, max_pos, name, path: Path) -> tuple[int, int]:
-    dists = extract_shard(scorer, tok, docs, cfg, max_pos, name)
-    data = encode_shard(dists, scorer.vocab_size, {"model": name, "top_k": str(cfg.top_k)})
-    n = sum(len(d.input_ids) for d in dists)
-    write_shard(path, data, len(dists), n)
-    return n, len(data)
+def _next_tokenized(shards, tok, cfg, max_pos, name, vocab_size):
+    """The next (split, shard, tokenized documents) from the ``shards`` iterator, or None."""
+    item = next(shards, None)
+    if item is None:
+        return None
+    split, shard, docs = item
+    return split, shard, tokenize_shard(tok, docs, cfg, max_pos, name, vocab_size)
