@@ -14,8 +14,11 @@ tensor             dtype / shape                meaning
 ``topk_ids``       uint8 ``[T, k, w]``          ids of the k most likely *next* tokens
 ``topk_logprobs``  fp16/bf16/fp32 ``[T, k]``    their log-probs (log-softmax over the full
                                                 vocabulary, so tail mass = 1 − Σ exp)
-``ce``             fp32 ``[T]``                 −log p(gold next token); NaN at the last
-                                                token of each document (nothing follows)
+``ce``             fp32 ``[T]``                 −log p(gold next token) under the model whose
+                                                rows these are; NaN at the last token of
+                                                each document (nothing follows). Fused
+                                                rows come from several models: there the
+                                                column is ``target_ce``, the target's own
 ``aligned``        uint8 ``[T]`` (optional)     align/fuse: 1 = a real distribution, 0 = the
                                                 one-hot fallback on the gold next token
 ``doc_ce``         fp32 ``[D]`` (optional)      align: the source's sequence CE per document
@@ -92,7 +95,7 @@ class DocDist:
     offsets: np.ndarray  # int32 [T, 2] character (start, end)
     topk_ids: np.ndarray  # int32 [T, k]
     topk_logprobs: torch.Tensor  # fp16/bf16/fp32 [T, k]
-    ce: np.ndarray  # float32 [T], NaN at the last position
+    ce: np.ndarray  # float32 [T], NaN at the last position (fused shards: the target's CE)
     aligned: np.ndarray | None = None  # bool [T]: a real (not fallback) distribution (align/fuse)
     doc_ce: float | None = None  # sequence CE of the model the row came from (align)
     cum_nll: np.ndarray | None = None  # float32 [T]: source NLL up to the context end (align)
@@ -107,8 +110,11 @@ class DocDist:
         return float(v.mean()) if len(v) else float("nan")
 
 
-def encode_shard(docs: list[DocDist], vocab_size: int, meta: dict[str, str]) -> bytes:
-    """Serialise documents into one shard (bytes of a safetensors file)."""
+def encode_shard(
+    docs: list[DocDist], vocab_size: int, meta: dict[str, str], ce_name: str = "ce"
+) -> bytes:
+    """Serialise documents into one shard (bytes of a safetensors file); ``ce_name`` names
+    the CE column (``target_ce`` in fused shards)."""
     w = id_width(vocab_size)
     lengths = [len(d.input_ids) for d in docs]
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros((0,))  # noqa: E731
@@ -126,7 +132,7 @@ def encode_shard(docs: list[DocDist], vocab_size: int, meta: dict[str, str]) -> 
             pack_ids(np.concatenate([d.topk_ids for d in docs]) if docs else np.zeros((0, k)), w)
         ),
         "topk_logprobs": torch.cat([d.topk_logprobs for d in docs]) if docs else torch.zeros(0, k),
-        "ce": torch.from_numpy(cat([d.ce for d in docs]).astype(np.float32)),
+        ce_name: torch.from_numpy(cat([d.ce for d in docs]).astype(np.float32)),
     }
     if docs and all(d.aligned is not None for d in docs):
         tensors["aligned"] = torch.from_numpy(
@@ -171,7 +177,7 @@ def decode_shard(data: bytes) -> tuple[list[DocDist], dict[str, str]]:
     offsets = np.stack([start, start + t["char_len"].numpy().astype(np.int32)], axis=1)
     topk = unpack_ids(t["topk_ids"].numpy())
     lp = t["topk_logprobs"]
-    ce = t["ce"].numpy()
+    ce = (t["ce"] if "ce" in t else t["target_ce"]).numpy()
     aligned = t["aligned"].numpy().astype(bool) if "aligned" in t else None
     doc_ce = t["doc_ce"].tolist() if "doc_ce" in t else None
     cum = t["cum_nll"].numpy() if "cum_nll" in t else None

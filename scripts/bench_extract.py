@@ -35,8 +35,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fusellm.batching import pad_batch, plan_batches  # noqa: E402
 from fusellm.extract.config import ExtractConfig  # noqa: E402
-from fusellm.extract.core import TopKScorer, pad_batch, plan_batches  # noqa: E402
+from fusellm.extract.core import TopKScorer  # noqa: E402
 from fusellm.extract.runner import extract_shard  # noqa: E402
 from fusellm.shards import encode_shard  # noqa: E402
 

@@ -30,10 +30,10 @@ import torch
 from lm_eval.api.model import LM
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from fusellm.batching import pad_batch, plan_batches
 from fusellm.bench.parallel import my_share, score_units
 from fusellm.bench.score import LogProbModel, document_units, prefix_id, request_unit
 from fusellm.distributed import Rank, all_gather
-from fusellm.extract.core import plan_batches
 from fusellm.models import encode
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF backend's default
@@ -141,12 +141,9 @@ class HarnessLM(LM):
             ]
         model = self.lpm.models[0]
         dev = next(model.parameters()).device
-        T = max(len(p[0]) for p in prompts)
-        ids = torch.full((len(prompts), T), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), T), dtype=torch.long)
-        for i, (p, _, _) in enumerate(prompts):  # left padding: generation continues at T
-            ids[i, T - len(p) :] = torch.tensor(p)
-            mask[i, T - len(p) :] = 1
+        # left padding: generation continues at column T for every prompt
+        ids, mask = pad_batch([p for p, _, _ in prompts], self.pad, left=True)
+        T = ids.shape[1]
         eos = self.tok.eos_token_id
         with torch.no_grad():
             gen = model.generate(

@@ -24,12 +24,13 @@ pad id (the tokenizer's, BOS or EOS) never changes a score.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from fusellm.batching import pad_batch, plan_batches
 from fusellm.models import (
     ModelInputError,
     check_positions,
@@ -139,11 +140,7 @@ class LogProbModel:
         self.check(T, max(max(u.ids) for u in units))
         if not 0 <= pad_id < min(self.rows):  # e.g. a pad token added beyond the embedding
             pad_id = 0  # masked anyway: any valid id will do
-        ids = torch.full((len(units), T), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(units), T), dtype=torch.long)
-        for i, u in enumerate(units):  # right padding: positions stay 0..len-1
-            ids[i, : len(u.ids)] = torch.tensor(u.ids)
-            mask[i, : len(u.ids)] = 1
+        ids, mask = pad_batch([u.ids for u in units], pad_id)  # positions stay 0..len-1
         dev = next(self.models[0].parameters()).device
         ids, mask = ids.to(dev), mask.to(dev)
         logits = [m(input_ids=ids, attention_mask=mask).logits for m in self.models]
@@ -172,16 +169,7 @@ def best_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def batches(units: Sequence[Unit], batch_tokens: int) -> Iterable[list[int]]:
+def batches(units: Sequence[Unit], batch_tokens: int) -> list[list[int]]:
     """Indices of ``units`` in batches of at most ``batch_tokens`` padded tokens, longest
-    first (so padding stays small and an out-of-memory shows up on the first batch)."""
-    order = sorted(range(len(units)), key=lambda i: -len(units[i].ids))
-    batch: list[int] = []
-    for i in order:
-        longest = len(units[batch[0]].ids) if batch else len(units[i].ids)
-        if batch and longest * (len(batch) + 1) > batch_tokens:
-            yield batch
-            batch = []
-        batch.append(i)
-    if batch:
-        yield batch
+    first (:func:`fusellm.batching.plan_batches`)."""
+    return plan_batches([len(u.ids) for u in units], batch_tokens)

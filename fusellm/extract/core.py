@@ -1,4 +1,4 @@
-"""Pure core of extraction: batch planning and top-k scoring of real tokens.
+"""Pure core of extraction: top-k scoring of real tokens (batches: :mod:`fusellm.batching`).
 
 The hot path avoids the two costs that made the reference code slow and memory-bound:
 
@@ -16,26 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from fusellm.heads import OutputHead, head_error
-
-
-def plan_batches(lengths: list[int], batch_tokens: int, max_batch_size: int) -> list[list[int]]:
-    """Group sequence indices into batches of similar length (longest first).
-
-    A batch holds at most ``max_batch_size`` sequences and ``batch_tokens`` padded tokens
-    (a single longer sequence gets a batch of its own). Deterministic for given lengths.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        width = lengths[cur[0]] if cur else lengths[i]  # longest first: first is widest
-        if cur and (len(cur) + 1 > max_batch_size or (len(cur) + 1) * width > batch_tokens):
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
 
 
 @dataclass
@@ -129,17 +109,3 @@ class TopKScorer:
             Scored(*parts)
             for parts in zip(ids.split(lengths), lps.split(lengths), ce.split(lengths), strict=True)
         ]
-
-
-def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists into ``input_ids``/``attention_mask`` int64 ``[B, L]``.
-
-    The pad id only fills masked positions; its value never reaches a stored number.
-    """
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask

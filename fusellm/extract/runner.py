@@ -35,10 +35,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fusellm.batching import pad_batch, plan_batches
 from fusellm.corpus.runner import split_file
 from fusellm.distributed import Rank
 from fusellm.extract.config import CONTENT_FIELDS, ExtractConfig
-from fusellm.extract.core import TopKScorer, pad_batch, plan_batches
+from fusellm.extract.core import TopKScorer
 from fusellm.manifest import load_manifest
 from fusellm.models import (
     ENCODING,

@@ -150,7 +150,10 @@ def _compute(recipe, cfg, sources, inputs, t_dir, path, todo, params, fingerprin
                     )
                 n = sum(len(d.input_ids) for d in out)
                 data = encode_shard(
-                    out, int(meta["vocab_size"]), {"method": cfg.method, "level": cfg.level}
+                    out,
+                    int(meta["vocab_size"]),
+                    {"method": cfg.method, "level": cfg.level},
+                    ce_name="target_ce",  # the rows are fused; this CE is the target's
                 )
                 write_shard(
                     path / split / shard_name(i),
