@@ -266,10 +266,20 @@ class RowReader:
 
         self.path = path
         self._f = safe_open(str(path), framework="pt")
-        self.doc_offsets = self._f.get_tensor("doc_offsets").numpy()  # int64 [D+1]
-        self.doc_ids: list[str] = json.loads(self._f.metadata()["doc_ids"])
         self.fields = set(self._f.keys())
-        self.k = int(self._f.get_slice("topk_logprobs").get_shape()[1])
+
+    @property
+    def doc_offsets(self) -> np.ndarray:
+        """int64 ``[D+1]``: the token rows of each document."""
+        return self._f.get_tensor("doc_offsets").numpy()
+
+    @property
+    def doc_ids(self) -> list[str]:
+        return json.loads(self._f.metadata()["doc_ids"])
+
+    @property
+    def k(self) -> int:
+        return int(self._f.get_slice("topk_logprobs").get_shape()[1])
 
     def rows(self, a: int, b: int) -> dict[str, np.ndarray]:
         """Token rows ``[a, b)``: ``input_ids`` int64 ``[n]``, ``topk_ids`` int64 ``[n, k]``,

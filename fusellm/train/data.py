@@ -100,7 +100,8 @@ class FusedBlocks(torch.utils.data.Dataset):
             if problem := shard_problem(p):
                 raise CorruptArtifact(problem)
             r = RowReader(p)
-            n = np.diff(r.doc_offsets)
+            offsets = r.doc_offsets
+            n = np.diff(offsets)
             too_long = np.flatnonzero(n > block_size)
             if len(too_long) and packing != "stream":
                 d = int(too_long[0])
@@ -112,7 +113,7 @@ class FusedBlocks(torch.utils.data.Dataset):
                     "train.block_size"
                 )
             where.append(np.full(len(n), s, dtype=np.int64))
-            starts.append(r.doc_offsets[:-1])
+            starts.append(offsets[:-1])
             lengths.append(n)
             if s == 0:
                 self.k = r.k
