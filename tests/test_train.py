@@ -309,6 +309,11 @@ def test_whole_pipeline_in_one_process_with_wandb_offline(ext_recipe, monkeypatc
     runs = list((run / "wandb").glob("offline-run-*"))
     assert len(runs) >= 5  # corpus, 2 extract, align, fuse, train
     assert (run / "train" / "metrics.jsonl").exists()
+    usage = [json.loads(x) for x in (run / "usage.jsonl").read_text().splitlines()]
+    assert [u["stage"] for u in usage] == ["corpus", "extract", "align", "fuse", "train"]
+    assert all(u["seconds"] > 0 and u["peak_rss_bytes"] > 100e6 for u in usage), usage
+    assert main(["run", str(ext_recipe), "--stages", "corpus,extract,align,fuse,train", *two]) == 0
+    assert len((run / "usage.jsonl").read_text().splitlines()) == 5  # skipped: not recorded
 
 
 def test_clm_only_baseline_is_the_same_run_with_lambda_one(fused, caplog):
