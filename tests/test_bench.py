@@ -317,3 +317,13 @@ def test_a_single_unit_has_no_error_bar_and_no_significance():
     one = (np.array([1.0]), np.array([2.0]))
     res = compare({"a": one, "b": (np.array([3.0]), np.array([2.0]))}, "a", "k", 200)
     assert res["a"]["se"] is None and res["b"]["diff"] == 1.0 and not res["b"]["significant"]
+
+
+def test_a_task_without_unconditional_requests_loads():
+    """boolq:rc_5shot's config gives uncond_docid_offset null (it has no unconditional
+    requests): the old loader compared doc ids with None and failed."""
+    from fusellm.bench.tasks import load_task
+
+    task = load_task("boolq:rc_5shot", 5, 0)
+    assert len(task.items) == 5 and all(len(it.requests) == 2 for it in task.items)
+    assert task.shots == 5

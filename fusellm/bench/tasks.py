@@ -78,7 +78,8 @@ def load_task(name: str, limit: int | None, seed: int, index: DecontamIndex | No
     :meth:`fusellm.bench.decontam.DecontamIndex.contains`) when it is given."""
     d = _task_dir(name)
     cfg = json.loads((d / "config.json").read_text())["task_config"]
-    offset = cfg.get("metric_kwargs", {}).get("uncond_docid_offset", 1_000_000)
+    # null where a task has no unconditional requests (boolq:rc_5shot)
+    offset = (cfg.get("metric_kwargs") or {}).get("uncond_docid_offset") or 1_000_000
     docs: dict[int, dict] = {}
     path = d / "requests.jsonl.gz"
     with gzip.open(path, "rt", encoding="utf-8") as f:
