@@ -83,7 +83,13 @@ def _run_stages(recipe, names: list[str], force: bool, explicit: bool) -> None:
     from fusellm import distributed
 
     log = logging.getLogger("fusellm")
-    distributed.setup()
+    # The launch's default group keeps the recipe's collective timeout (the Trainer would
+    # have set it; it reuses the group).
+    distributed.setup(timeout_s=(recipe.train or {}).get("ddp_timeout", 1800))
+    if distributed.Rank.from_env().world > 1:
+        from fusellm.models import pin_hub_revisions
+
+        pin_hub_revisions(recipe.models)
     for name in names:
         st = STAGES[name]
         section = st.section_name
@@ -111,11 +117,20 @@ def _run_stages(recipe, names: list[str], force: bool, explicit: bool) -> None:
     distributed.teardown()
 
 
+def _local_rank_arg(argv: list[str], i: int) -> bool:
+    """Whether ``argv[i]`` is ``--local_rank=N`` / ``--local-rank=N``, or ``N`` after one."""
+    a = argv[i]
+    if a.startswith(("--local_rank=", "--local-rank=")) or a in ("--local_rank", "--local-rank"):
+        return True
+    return i > 0 and argv[i - 1] in ("--local_rank", "--local-rank")
+
+
 @contextlib.contextmanager
 def _usage(recipe, stage: str):
-    """Record what a stage took when it ran (wrote a manifest): one JSON line per stage and
-    rank in ``run_dir/usage.jsonl`` (seconds, and on Linux, where the peak can be reset,
-    this process's peak RSS during the stage), beside the stage directories so no stage's
+    """Record what a stage took when it ran (a manifest under its directory was written
+    meanwhile, by this rank or another): one JSON line per stage and rank in
+    ``run_dir/usage.jsonl`` (seconds, and on Linux, where the peak can be reset, this
+    process's peak RSS during the stage), beside the stage directories so no stage's
     manifest is followed by it. A stage skipped as complete records nothing."""
     import json
     import time
@@ -144,8 +159,8 @@ def _usage(recipe, stage: str):
     before = manifests()
     t0 = time.time()
     yield
-    if manifests() == before and Rank.from_env().rank == 0:
-        return  # nothing written: skipped as complete (other ranks write no manifest)
+    if manifests() == before:
+        return  # nothing written: skipped as complete
     rec = {
         "stage": stage,
         "rank": Rank.from_env().rank,
@@ -160,6 +175,10 @@ def _usage(recipe, stage: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    # Launchers that pass the local rank as an argument (the deepspeed launcher without
+    # --no_local_rank, torch.distributed.launch): it is in LOCAL_RANK too.
+    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = [a for i, a in enumerate(argv) if not _local_rank_arg(argv, i)]
     # Flags may sit anywhere among the key=value overrides (argparse would stop the
     # positional list at the first flag): collect the leftovers as overrides.
     args, extra = parser.parse_known_args(argv)

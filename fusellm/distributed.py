@@ -50,9 +50,11 @@ class OtherRankFailed(RuntimeError):
     """Rank 0 failed in work the others were waiting for (its own error is in its log)."""
 
 
-def setup() -> None:
-    """Join the launcher's process group (NCCL with GPUs, else gloo) and create the stage
-    barrier group. Nothing to do in a single process. Idempotent."""
+def setup(timeout_s: float = 1800) -> None:
+    """Join the launcher's process group (NCCL with GPUs, as accelerate would set it up;
+    else gloo) with collectives timing out after ``timeout_s`` (the Trainer's
+    ``ddp_timeout``: the Trainer reuses this group), and create the stage barrier group.
+    Nothing to do in a single process. Idempotent."""
     global _stage_group
     if Rank.from_env().world <= 1 or _stage_group is not None:
         return
@@ -62,7 +64,10 @@ def setup() -> None:
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(Rank.from_env().local)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(
+            "nccl" if torch.cuda.is_available() else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
     _stage_group = dist.new_group(backend="gloo", timeout=STAGE_TIMEOUT)
 
 

@@ -58,12 +58,11 @@ class OutputHead:
         if w.dtype == torch.float32:
             return self
         bias = getattr(self.proj, "bias", None)
-        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device)
-        with torch.no_grad():
-            lin.weight.copy_(w.float())
-            if bias is not None:
-                lin.bias.copy_(bias.float())
-        return OutputHead(lin.requires_grad_(False), self.scale, self.softcap)
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+        lin.weight = torch.nn.Parameter(w.detach().float(), requires_grad=False)
+        if bias is not None:
+            lin.bias = torch.nn.Parameter(bias.detach().float(), requires_grad=False)
+        return OutputHead(lin, self.scale, self.softcap)
 
 
 def last_hidden(outputs) -> torch.Tensor:

@@ -141,10 +141,28 @@ def _hub_commit(spec: ModelSpec, name: str) -> str:
     commit even if the branch moves meanwhile."""
     from huggingface_hub import constants
 
+    if (spec.path, spec.revision) in _PINNED:
+        return _PINNED[(spec.path, spec.revision)]
     try:
         return _resolve_commit(spec.path, spec.revision, constants.HF_HUB_CACHE)
     except Exception as e:
         raise _hub_error(name, spec, f"revision '{spec.revision or 'main'}' of", e) from None
+
+
+_PINNED: dict[tuple[str, str | None], str] = {}  # (hub id, revision) -> commit, from rank 0
+
+
+def pin_hub_revisions(models: dict[str, ModelSpec]) -> None:
+    """Under a launch: rank 0 resolves every model's location (a hub id's revision to its
+    commit) and every rank uses its commits, so no two ranks load different commits of a
+    branch pushed to while they start. Call on every rank (a collective)."""
+    from fusellm.distributed import on_rank0
+
+    def resolve() -> dict[str, str]:
+        return {n: loc.revision for n, s in models.items() if (loc := locate(s, n)).kind == "hub"}
+
+    for name, commit in on_rank0(resolve).items():
+        _PINNED[(models[name].path, models[name].revision)] = commit
 
 
 @functools.cache

@@ -204,20 +204,24 @@ def cache_root() -> Path:
 
 
 def cached_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a (large) file, memoised under the cache by path, size and mtime: a model's
+    """sha256 of a (large) file, memoised under the cache by path, inode, size, mtime and
+    ctime (a file copied over it with its times kept still gets a new ctime): a model's
     weights or a corpus input are hashed once, not on every run that checks them."""
     path = Path(path)
     st = path.stat()
-    key = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
+    key = f"{path.resolve()}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
     memo = cache_root() / "sha256" / hashlib.sha256(key.encode()).hexdigest()[:32]
     if memo.exists():
         return memo.read_text().strip()
-    import fcntl
-
     memo.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock, at worst two processes hash the same file
+        fcntl = None
     # Ranks starting together would each hash the same 14 GB: one does, the rest wait.
     with open(memo.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if memo.exists():
             return memo.read_text().strip()
         digest = sha256_file(path)

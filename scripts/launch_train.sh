@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Launch a fusellm stage on several GPUs / nodes. Usage:
+# Launch a fusellm stage (or `run`: every stage) on several GPUs / nodes. Usage:
 #   scripts/launch_train.sh RECIPE [STAGE] [key=value ...]          # one node, all GPUs (torchrun)
+#   scripts/launch_train.sh RECIPE run                              # the whole recipe
 #   LAUNCHER=accelerate scripts/launch_train.sh RECIPE train        # accelerate launch
 #   LAUNCHER=deepspeed  scripts/launch_train.sh RECIPE train        # the deepspeed launcher
 #   NNODES=4 NODE_RANK=0 MASTER_ADDR=host0 scripts/launch_train.sh RECIPE train   # multi-node
-# Run `fusellm corpus RECIPE` once before (it is single-process). extract/align/fuse split
-# their shards across the processes; train is data-parallel (DeepSpeed ZeRO if the recipe
-# sets train.deepspeed).
+# extract/align/fuse split their shards across the processes; train is data-parallel
+# (DeepSpeed ZeRO if the recipe sets train.deepspeed); corpus, merge and evolve run on
+# rank 0 while the others wait.
 set -euo pipefail
 RECIPE=${1:?recipe}; shift
 STAGE=${1:-train}; [[ $# -gt 0 ]] && shift
@@ -23,6 +24,6 @@ case "${LAUNCHER:-torchrun}" in
       -m fusellm.cli "$STAGE" "$RECIPE" "$@" ;;
   deepspeed)
     exec deepspeed --num_gpus "$NPROC" --num_nodes "$NNODES" --master_addr "$MASTER_ADDR" \
-      --master_port "$MASTER_PORT" --module fusellm.cli "$STAGE" "$RECIPE" "$@" ;;
+      --master_port "$MASTER_PORT" --no_local_rank --module fusellm.cli "$STAGE" "$RECIPE" "$@" ;;
   *) echo "unknown LAUNCHER=${LAUNCHER}" >&2; exit 2 ;;
 esac

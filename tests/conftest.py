@@ -334,3 +334,17 @@ def move_ref(cache: Path, repo_id: str, ref: str, commit: str) -> None:
     f = cache / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / ref
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text(commit)
+
+
+def torchrun(*args: str, env: dict | None = None, timeout: float = 600):
+    """``python -m torch.distributed.run --nproc_per_node 2`` with ``args`` (a script, or
+    ``-m module``, and its arguments) on a free port, one thread per process (both
+    processes share the CI's 2 cores, and one-process references use the same kernels);
+    output captured."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(free_port()), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -69,3 +69,10 @@ def test_verify_reports_altered_file(tiny_recipe, tmp_path, capsys):
 def test_unknown_stage_in_stages(tiny_recipe, capsys):
     assert main(["run", str(tiny_recipe), "--stages", "corpus,fusion"]) == 2
     assert "unknown stage(s) ['fusion']" in capsys.readouterr().err
+
+
+def test_a_launchers_local_rank_argument_is_ignored(tiny_recipe):
+    """The deepspeed launcher (without --no_local_rank) appends --local_rank=N; the rank is
+    in LOCAL_RANK too. The CLI refused it as an unknown argument."""
+    assert main(["corpus", str(tiny_recipe), "tracking.backend=none", "--local_rank=0"]) == 0
+    assert main(["show", "--local_rank", "1", str(tiny_recipe)]) == 0

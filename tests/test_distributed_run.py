@@ -40,7 +40,7 @@ def test_fusellm_run_on_two_processes_equals_one(ext_recipe, tmp_path):
     rank finished the previous one (a rank reading an incomplete manifest would exit 2),
     rank 0 alone reads the corpus and builds the vocabulary map, and every sharded output
     is byte-identical to a one-process run of the same recipe."""
-    from conftest import free_port
+    from conftest import torchrun
 
     ext_recipe.write_text(ext_recipe.read_text() + SECTIONS)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same kernels in both runs
@@ -54,27 +54,16 @@ def test_fusellm_run_on_two_processes_equals_one(ext_recipe, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     two = tmp_path / "two"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "fusellm.cli",
-            "run",
-            str(ext_recipe),
-            *TWO,
-            f"run_dir={two}",
-            "tracking.backend=wandb",
-            "tracking.mode=offline",
-        ],
+    r = torchrun(
+        "-m",
+        "fusellm.cli",
+        "run",
+        str(ext_recipe),
+        *TWO,
+        f"run_dir={two}",
+        "tracking.backend=wandb",
+        "tracking.mode=offline",
         env=env,
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert r.returncode == 0, r.stderr[-4000:]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import free_port, shas
+from conftest import shas, torchrun
 
 from fusellm.cli import main
 from fusellm.manifest import StageInputsChanged
@@ -245,25 +245,14 @@ def test_two_processes_write_the_same_shards(ext_recipe, tmp_path):
         text=True,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "fusellm.cli",
-            "extract",
-            recipe,
-            f"run_dir={two}",
-            *base,
-        ],
+    r = torchrun(
+        "-m",
+        "fusellm.cli",
+        "extract",
+        recipe,
+        f"run_dir={two}",
+        *base,
         env=env,
-        capture_output=True,
-        text=True,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     for m in ("llama_bpe", "mpt_bpe"):

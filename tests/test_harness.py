@@ -7,8 +7,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -260,7 +258,7 @@ def _scores(run: Path) -> dict:
 def test_two_processes_give_the_scores_of_one(harness_recipe, tmp_path):
     """`fusellm bench` under torchrun on 2 CPU processes (gloo): each rank scores a share
     of the batches; the cached per-item scores and the table equal a 1-process run."""
-    from conftest import free_port
+    from conftest import torchrun
 
     over = [
         "bench.tasks=[lm, harness:tiny_mc, harness:tiny_gen, harness:tiny_lm]",
@@ -272,25 +270,14 @@ def test_two_processes_give_the_scores_of_one(harness_recipe, tmp_path):
     two = tmp_path / "run2"
     # the local lm task reads run/corpus/test.jsonl: the same documents for both runs
     assert main(["corpus", str(harness_recipe), f"run_dir={two}"]) == 0
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "fusellm.cli",
-            "bench",
-            str(harness_recipe),
-            f"run_dir={two}",
-            *over,
-        ],
+    r = torchrun(
+        "-m",
+        "fusellm.cli",
+        "bench",
+        str(harness_recipe),
+        f"run_dir={two}",
+        *over,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert r.returncode == 0, r.stderr[-4000:]

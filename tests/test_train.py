@@ -185,19 +185,14 @@ def test_nan_gradient_stops_before_the_optimizer_step(fused, tmp_path):
 def test_deepspeed_zero_on_two_cpu_processes(fused, tmp_path, zero):
     """A real ZeRO run on 2 CPU processes (gloo), through torchrun and the CLI; its first
     step's loss equals a 1-process run on the same global batch."""
-    import os
-    import subprocess
-    import sys
 
-    from conftest import free_port
+    from conftest import torchrun
 
     pytest.importorskip("deepspeed")
     ds = Path(__file__).parent.parent / "recipes" / "deepspeed" / f"{zero}.json"
-    port = free_port()
     # A private extensions dir: a lock left by a killed JIT build elsewhere cannot hang this
     # run, and any build that does start (there should be none on CPU) is seen below.
     ext_dir = tmp_path / "torch_extensions"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(ext_dir)}
     common = [
         *TWO,
         "train.max_steps=2",
@@ -205,26 +200,15 @@ def test_deepspeed_zero_on_two_cpu_processes(fused, tmp_path, zero):
         "train.logging_steps=1",
         "train.learning_rate=0.001",
     ]
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(port),
-            "-m",
-            "fusellm.cli",
-            "train",
-            str(fused),
-            *common,
-            f"train.deepspeed={ds}",
-            "train.per_device_train_batch_size=2",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+    r = torchrun(
+        "-m",
+        "fusellm.cli",
+        "train",
+        str(fused),
+        *common,
+        f"train.deepspeed={ds}",
+        "train.per_device_train_batch_size=2",
+        env={"TORCH_EXTENSIONS_DIR": str(ext_dir)},
         timeout=420,
     )
     assert r.returncode == 0, r.stderr[-4000:]
@@ -541,10 +525,8 @@ def test_deepspeed_stops_on_a_nan_gradient_before_the_step_and_its_checkpoint(fu
     the run naming step 2, before the optimizer step and before checkpoint-2 is written
     (DeepSpeed alone applies it under bf16, or skips the step silently under fp32)."""
     import os
-    import subprocess
-    import sys
 
-    from conftest import free_port
+    from conftest import torchrun
 
     pytest.importorskip("deepspeed")
     ds = Path(__file__).parent.parent / "recipes" / "deepspeed" / "zero2.json"
@@ -555,28 +537,17 @@ def test_deepspeed_stops_on_a_nan_gradient_before_the_step_and_its_checkpoint(fu
         "OMP_NUM_THREADS": "1",
         "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions"),
     }
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            str(script),
-            "train",
-            str(fused),
-            *TWO,
-            f"train.deepspeed={ds}",
-            "train.bf16=true",
-            "train.max_steps=3",
-            "train.save_steps=1",
-            "train.logging_steps=1",
-        ],
+    r = torchrun(
+        str(script),
+        "train",
+        str(fused),
+        *TWO,
+        f"train.deepspeed={ds}",
+        "train.bf16=true",
+        "train.max_steps=3",
+        "train.save_steps=1",
+        "train.logging_steps=1",
         env=env,
-        capture_output=True,
-        text=True,
         timeout=420,
     )
     assert r.returncode != 0

@@ -39,7 +39,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -151,7 +150,7 @@ def _sorted_unique(x: np.ndarray) -> np.ndarray:
 class DecontamIndex:
     """The n-gram hashes of a train split: ``ngrams.npy`` (uint64 [N], sorted, unique) on
     disk and, in RAM, ``fence`` (uint64 [⌈N / FENCE⌉]: the first hash of each 4 KB block).
-    A lookup finds its block in the fence and reads that block alone, with pread rather
+    A lookup finds its block in the fence and reads that block alone, with a seek and a read rather
     than a memory map: a map's touched pages count toward the RSS, and a thousand items
     touch most pages of a gigabyte index."""
 
@@ -177,7 +176,8 @@ class DecontamIndex:
         blocks = np.searchsorted(self.fence, h, side="right") - 1  # -1: below the smallest
         with open(self.path / NGRAMS, "rb") as f:
             for b in np.unique(blocks[blocks >= 0]):
-                data = os.pread(f.fileno(), 8 * FENCE, self.offset + 8 * FENCE * int(b))
+                f.seek(self.offset + 8 * FENCE * int(b))  # (os.pread: not on Windows)
+                data = f.read(8 * FENCE)
                 block = np.frombuffer(data, "<u8")
                 sel = blocks == b
                 i = np.minimum(np.searchsorted(block, h[sel]), len(block) - 1)

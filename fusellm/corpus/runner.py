@@ -24,8 +24,10 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 
 from tqdm.auto import tqdm
 
@@ -90,32 +92,49 @@ def _batches(items: Iterable, n: int) -> Iterator[list]:
 
 class Cutter:
     """:func:`cut_spans` over batches of texts, in order, in ``num_proc`` forked worker
-    processes (0: one per CPU core, at most 8; 1: in this process). The workers inherit the
-    tokenizers; each text is cut exactly as in one process, so the output is the same
-    whatever ``num_proc`` is."""
+    processes (0: one per CPU this process may use, at most 8; 1: in this process). The
+    workers inherit the tokenizers; each text is cut exactly as in one process, so the
+    output is the same whatever ``num_proc`` is. A worker that dies (out of memory) fails
+    the stage (``BrokenProcessPool``) instead of hanging it. Forking is Linux-only here
+    (macOS and Windows cut in this process)."""
 
     def __init__(self, fitters: list[Fitter], block_size: int, num_proc: int):
         global _CUT
         _CUT = (fitters, block_size)
-        n = self.processes = num_proc or min(os.cpu_count() or 1, 8)
+        n = num_proc or min(
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1,
+            8,
+        )
+        self.processes = n if sys.platform.startswith("linux") else 1
         self.pool = None
-        if n > 1:
-            # the workers tokenize one text at a time: no thread pools of their own
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            self.pool = multiprocessing.get_context("fork").Pool(n)
+        if self.processes > 1:
+            self.pool = ProcessPoolExecutor(
+                self.processes,
+                mp_context=multiprocessing.get_context("fork"),
+                initializer=_quiet_tokenizers,
+            )
+            self.pool.submit(int).result()  # fork the workers now, before W&B's threads start
 
     def cut(self, texts: list[str]) -> list[list[tuple[int, int]]]:
         if self.pool is None:
             return [_cut(t) for t in texts]
-        return self.pool.map(_cut, texts, chunksize=max(1, len(texts) // (4 * self.processes)))
+        chunk = max(1, len(texts) // (4 * self.processes))
+        return list(self.pool.map(_cut, texts, chunksize=chunk))
 
     def __enter__(self) -> Cutter:
         return self
 
     def __exit__(self, *exc) -> None:
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.shutdown(cancel_futures=True)
+
+
+def _quiet_tokenizers() -> None:
+    # A worker tokenizes one text at a time: no thread pool of its own (and no warning
+    # that the forked tokenizer's parallelism is disabled).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 _CUT: tuple[list[Fitter], int] | None = None  # what forked workers cut with

@@ -50,6 +50,7 @@ from fusellm.models import (
     load_tokenizer,
     locate,
     max_positions,
+    resolve_dtype,
     tokenizer_fingerprint,
 )
 from fusellm.recipe import Recipe
@@ -226,6 +227,10 @@ def _run_model(recipe, cfg, name, corpus, corpus_dir, rank, force) -> dict | Non
         "tokenizer": tokenizer_fingerprint(tok),
         "encoding": ENCODING,
     }
+    if resolve_dtype(spec, _device(cfg, rank)) != torch.float32:
+        # A bf16/fp16 model's head runs in float32 (it used to round the logits to bf16):
+        # shards of the old head must not be resumed into.
+        fingerprint["head"] = "float32"
     path = model_dir(recipe, name)
     prepare_dir(path, fingerprint, force, rank, f"extract[{name}]")
     plan = {

@@ -153,15 +153,17 @@ def chunked_fusion_loss_sums(
         shift_labels, fused_ids, fused_logprobs, fused_mask, **kw: as for
             :func:`fusion_loss_sums`.
 
-    Only positions with a label are projected (padding and document ends cost nothing).
-    Each chunk runs under activation checkpointing: its logits are freed after its loss
-    is summed and recomputed in backward, one chunk at a time (one more head matmul per
-    chunk than the unchunked loss, none of its ``[B, T, V]`` buffers). The sums equal the
-    unchunked ones up to float summation order.
+    Every position is projected, labelled or not: the number of head calls is the same on
+    every rank of a launch (under DeepSpeed ZeRO-3 each call gathers the head's weight, a
+    collective that all ranks must enter alike). Each chunk runs under activation
+    checkpointing: its logits are freed after its loss is summed and recomputed in
+    backward, one chunk at a time (one more head matmul per chunk than the unchunked loss,
+    none of its ``[B, T, V]`` buffers). The sums equal the unchunked ones up to float
+    summation order.
     """
     valid = shift_labels != -100
-    h = hidden[valid]  # [N, H]
-    rows = [shift_labels[valid], fused_ids[valid], fused_logprobs[valid], fused_mask[valid]]
+    h = hidden.flatten(0, 1)  # [B·T, H]
+    rows = [x.flatten(0, 1) for x in (shift_labels, fused_ids, fused_logprobs, fused_mask)]
 
     def chunk(h_c, labels, ids, lps, mask):
         s = fusion_loss_sums(head(h_c)[None], labels[None], ids[None], lps[None], mask[None], **kw)
@@ -177,9 +179,6 @@ def chunked_fusion_loss_sums(
         )
         for a in range(0, h.shape[0], chunk_tokens)
     ]
-    if parts:
-        total, clm, fusion = torch.stack(parts).sum(0)
-    else:  # nothing to predict in this micro-batch: a zero that still reaches the model
-        total = clm = fusion = hidden.sum() * 0.0
+    total, clm, fusion = torch.stack(parts).sum(0)
     n_fusion = (fused_mask & valid).sum()
     return LossSums(total, clm, fusion, valid.sum(), n_fusion)

@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from fusellm.distributed import on_rank0
+from fusellm.distributed import Rank, on_rank0
 from fusellm.manifest import CorruptArtifact, StageDir, load_manifest, outputs_hash
 from fusellm.models import (
     check_positions,
@@ -32,12 +32,6 @@ from fusellm.storage import write_failure_names
 from fusellm.tracking import start_run, wandb_env
 
 log = logging.getLogger(__name__)
-
-
-def _rank0() -> bool:
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def build_args(
@@ -99,7 +93,7 @@ def _run(recipe: Recipe, force: bool, stage: str, overrides: dict) -> dict | Non
             log.info("%s: complete and unchanged at %s (skipped)", stage, sd.path)
             return None
         with start_run(
-            recipe, stage, {"train": config, **fingerprint}, enabled=_rank0()
+            recipe, stage, {"train": config, **fingerprint}, enabled=Rank.from_env().rank == 0
         ) as tracker:
             if previous is not None:  # a finished run whose model was damaged
                 out_dir = on_rank0(lambda: _resave(recipe, args, sd))
@@ -115,7 +109,16 @@ def _run(recipe: Recipe, force: bool, stage: str, overrides: dict) -> dict | Non
         for p in sorted(out_dir.iterdir())
         if p.is_file()
     }
-    return sd.finish(files, stats, config)
+    manifest = sd.finish(files, stats, config)
+    if not args.keep_checkpoints_when_done:
+        # Resume points of a finished run; only now that its manifest records it (killed
+        # before, a rerun resumes from them instead of training from the start).
+        from fusellm.train.trainer import checkpoints
+
+        for p in checkpoints(sd.path / "checkpoints").values():
+            log.info("%s: deleting %s (the run is finished)", stage, p)
+            shutil.rmtree(p)
+    return manifest
 
 
 def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]:
@@ -126,7 +129,6 @@ def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]
         CompletionMarker,
         FusionTrainer,
         NonFiniteGradStop,
-        checkpoints,
     )
 
     spec = recipe.models[recipe.target]
@@ -139,11 +141,11 @@ def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]
         args.packing,
         100 * dataset.padding_fraction,
     )
-    if args.deepspeed:
+    if _deepspeed(args):
         from fusellm.train import safe_load
 
         safe_load.install()  # a ZeRO resume then loads with weights_only=True
-    if args.deepspeed and args.world_size > 1:
+    if _deepspeed(args) and args.world_size > 1:
         import deepspeed
 
         # On CPU, accelerate sets up torch.distributed but not deepspeed.comm, whose
@@ -167,7 +169,7 @@ def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]
     # update of lr 1e-5 is below the weights' resolution (2^-8 relative) and mostly
     # vanishes. So train float32 weights (bf16/fp16 compute comes from train.bf16/fp16
     # autocast); DeepSpeed keeps float32 master weights of bf16 ones itself.
-    masters = spec if args.deepspeed else spec.model_copy(update={"dtype": "float32"})
+    masters = spec if _deepspeed(args) else spec.model_copy(update={"dtype": "float32"})
     model = load_model(masters, recipe.target, "cpu").train()
     if limit is None:  # config was not at hand without loading (GGUF, hub)
         check_positions(
@@ -203,10 +205,6 @@ def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]
             tok.save_pretrained(str(out_dir))
             # A pickle of the arguments; the recipe and manifest already record them.
             (out_dir / "training_args.bin").unlink(missing_ok=True)
-            if not args.keep_checkpoints_when_done:  # resume points of a finished run
-                for p in checkpoints(ckpts).values():
-                    log.info("train: deleting %s (the model is saved)", p)
-                    shutil.rmtree(p)
     secs = time.time() - t0
     stats = {
         "train_loss": result.training_loss,
@@ -220,12 +218,18 @@ def _train(recipe: Recipe, args, sd: StageDir, paths: list) -> tuple[dict, Path]
     return stats, out_dir
 
 
+def _deepspeed(args) -> bool:
+    """Whether training runs under DeepSpeed: set in the recipe (``train.deepspeed``) or by
+    an accelerate config (``accelerate launch`` with DeepSpeed sets a plugin instead)."""
+    return bool(args.deepspeed) or getattr(args, "deepspeed_plugin", None) is not None
+
+
 def _save_dtype(spec, args):
     """The dtype the trained model is saved in when it is not the one it trained in: the
     entry's bf16/fp16 for float32 masters trained without DeepSpeed; else None."""
     import torch
 
-    if not args.deepspeed and spec.dtype in ("bfloat16", "float16"):
+    if not _deepspeed(args) and spec.dtype in ("bfloat16", "float16"):
         return getattr(torch, spec.dtype)
     return None
 
@@ -255,11 +259,11 @@ def _cannot_resave(old_manifest: dict, ckpts: Path) -> str | None:
     """A finished run's damaged model is re-saved from its final checkpoint; without an
     intact one at the final step, regenerating would mean training again (days at 7B):
     that needs --force, not a rerun."""
-    from fusellm.train.trainer import latest_complete_checkpoint
+    from fusellm.train.trainer import checkpoint_step, latest_complete_checkpoint
 
     final = old_manifest["stats"]["global_steps"]
     ck = latest_complete_checkpoint(ckpts)
-    if ck is None or int(ck.name.split("-")[1]) != final:
+    if ck is None or checkpoint_step(ck) != final:
         return f"train: no intact checkpoint at the final step {final} to re-save the model from"
     return None
 
@@ -268,12 +272,15 @@ def _resume_point(ckpts: Path) -> Path | None:
     """The newest intact checkpoint. Later ones are moved out of the Trainer's way (it
     would write into them, and could rotate a good one out in their favour): one killed
     mid-save is deleted, a damaged one is kept aside as ``damaged-checkpoint-N``."""
-    import shutil
-
-    from fusellm.train.trainer import COMPLETE, checkpoints, latest_complete_checkpoint
+    from fusellm.train.trainer import (
+        COMPLETE,
+        checkpoint_step,
+        checkpoints,
+        latest_complete_checkpoint,
+    )
 
     resume = latest_complete_checkpoint(ckpts)
-    step = int(resume.name.split("-")[1]) if resume else 0
+    step = checkpoint_step(resume) if resume else 0
     for n, p in checkpoints(ckpts).items():
         if n <= step:
             continue

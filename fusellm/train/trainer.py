@@ -234,14 +234,19 @@ def check_head(model, head: OutputHead, inputs: dict[str, torch.Tensor], exact: 
         probe["attention_mask"] = inputs["attention_mask"][:1, :64]
     was_training = model.training
     model.eval()
+    name = type(getattr(model, "module", model)).__name__
     try:
         err = head_error(
             model, head, probe, lambda x: last_hidden(student_forward(model, x, hidden=True))
         )
+    except (TypeError, ValueError) as e:  # remote code without logits_to_keep / hidden states
+        raise HeadMismatch(
+            f"train: {name} cannot run without its output head (logits_to_keep, "
+            f"output_hidden_states): {e}. Set train.head_chunk_tokens: 0"
+        ) from e
     finally:
         model.train(was_training)
     if err > (1e-4 if exact else 2e-2):
-        name = type(getattr(model, "module", model)).__name__
         raise HeadMismatch(
             f"train: {name}'s logits are not its output embedding's (relative difference "
             f"{err:.3g}): it transforms them in a way fusellm does not reproduce, so the loss "
@@ -326,16 +331,19 @@ class CompletionMarker(TrainerCallback):
         self.keep = keep
 
     def on_save(self, args, state, control, **kwargs):
-        from fusellm.distributed import Rank, all_gather, barrier
+        from fusellm.distributed import Rank, all_gather, barrier, on_rank0
 
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         barrier()
         rank = Rank.from_env()
-        sizes = {
-            p.relative_to(ckpt).as_posix(): p.stat().st_size
-            for p in ckpt.rglob("*")
-            if p.is_file() and p.name != COMPLETE
-        }
+        # rank 0's listing for all: on a shared filesystem another node's may lag behind
+        sizes = on_rank0(
+            lambda: {
+                p.relative_to(ckpt).as_posix(): p.stat().st_size
+                for p in ckpt.rglob("*")
+                if p.is_file() and p.name != COMPLETE
+            }
+        )
         mine = {n: file_record(ckpt / n) for n in share_by_bytes(sizes, rank.world)[rank.rank]}
         if rank.rank == 0:
             files = {k: v for share in all_gather(mine) for k, v in share.items()}
@@ -370,12 +378,18 @@ def checkpoint_problems(ckpt: Path) -> list[tuple[str, Path]]:
     return verify_files(ckpt, COMPLETE)
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a Trainer's ``checkpoint-<step>`` directory (None for another name)."""
+    m = re.fullmatch(r"checkpoint-(\d+)", Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def checkpoints(output_dir: Path) -> dict[int, Path]:
     """The Trainer's ``checkpoint-<step>`` directories by step."""
     return {
-        int(m.group(1)): p
+        step: p
         for p in Path(output_dir).glob("checkpoint-*")
-        if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()
+        if (step := checkpoint_step(p)) is not None and p.is_dir()
     }
 
 

@@ -264,7 +264,7 @@ def test_a_zero2_run_resumes_through_the_safe_loader(pipeline, tmp_path):
     loads with weights_only=True (DeepSpeed's global_step*/*.pt included), and the resumed
     steps' losses equal the uninterrupted run's (weights and optimizer state restored)."""
     pytest.importorskip("deepspeed")
-    from conftest import free_port
+    from conftest import torchrun
 
     run = tmp_path / "run"
     copy_upstream(pipeline.run, run, "train")
@@ -273,21 +273,12 @@ def test_a_zero2_run_resumes_through_the_safe_loader(pipeline, tmp_path):
     log = tmp_path / "loads.jsonl"
     ds = Path(__file__).parents[2] / "recipes" / "deepspeed" / "zero2.json"
     # No JIT-built DeepSpeed op (a lock left by a killed build elsewhere cannot hang this).
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions"),
-        "LOAD_LOG": str(log),
-    }
-
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions"), "LOAD_LOG": str(log)}
     over = [f"run_dir={run}", "tracking.backend=none", f"train.deepspeed={ds}"]
     over += ["train.max_steps=3", "train.save_steps=1", "train.save_total_limit=null"]
 
     def train(*entry: str) -> None:
-        port = ["--master_port", str(free_port())]
-        cmd = [*launch, *port, *entry, "train", str(pipeline.recipe), *over]
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        r = torchrun(*entry, "train", str(pipeline.recipe), *over, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-4000:]
 
     def losses() -> list[float]:
