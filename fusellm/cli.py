@@ -101,13 +101,61 @@ def _run_stages(recipe, names: list[str], force: bool, explicit: bool) -> None:
             continue
         log.info("== stage %s", name)
         run = st.load()
-        if st.ranks == "first":
-            distributed.on_rank0(lambda run=run: run(recipe, force=force) and None)
-        else:
-            run(recipe, force=force)
+        with _usage(recipe, name):
+            if st.ranks == "first":
+                distributed.on_rank0(lambda run=run: run(recipe, force=force) and None)
+            else:
+                run(recipe, force=force)
         # No rank reads this stage's output before every rank has finished its share.
         distributed.barrier()
     distributed.teardown()
+
+
+@contextlib.contextmanager
+def _usage(recipe, stage: str):
+    """Record what a stage took when it ran (wrote a manifest): one JSON line per stage and
+    rank in ``run_dir/usage.jsonl`` (seconds, and on Linux, where the peak can be reset,
+    this process's peak RSS during the stage), beside the stage directories so no stage's
+    manifest is followed by it. A stage skipped as complete records nothing."""
+    import json
+    import time
+    from pathlib import Path
+
+    from fusellm.distributed import Rank
+
+    def rss(key: str) -> int | None:
+        try:
+            with open("/proc/self/status") as f:
+                line = next(x for x in f if x.startswith(key))
+            return int(line.split()[1]) * 1024
+        except (OSError, StopIteration):
+            return None
+
+    try:  # peak RSS := current RSS, so the peak below is this stage's
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:
+        reset = False
+
+    def manifests() -> dict:
+        return {p: p.stat().st_mtime_ns for p in recipe.stage_dir(stage).rglob("manifest.json")}
+
+    before = manifests()
+    t0 = time.time()
+    yield
+    if manifests() == before and Rank.from_env().rank == 0:
+        return  # nothing written: skipped as complete (other ranks write no manifest)
+    rec = {
+        "stage": stage,
+        "rank": Rank.from_env().rank,
+        "seconds": round(time.time() - t0, 2),
+        "peak_rss_bytes": rss("VmHWM:") if reset else None,
+    }
+    path = Path(recipe.run_dir) / "usage.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

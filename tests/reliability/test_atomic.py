@@ -36,7 +36,7 @@ def _hook(event: str, args: tuple) -> None:
 # Written in place on purpose, each made whole by a marker written after it (checkpoint:
 # fusellm-complete.json; the trained model: the stage's manifest), or a log.
 IN_PLACE = ("train/checkpoints/checkpoint-", "train/model/", "wandb/")
-LOGS = ("metrics.jsonl",)
+LOGS = ("metrics.jsonl", "usage.jsonl")
 
 
 def _native(real):

@@ -91,7 +91,7 @@ def test_damaged_artifacts_are_listed_then_only_they_are_regenerated(
     ref_stats = json.loads((ref / "train/manifest.json").read_text())["stats"]
     assert stats == {**ref_stats, "resaved_from_checkpoint": True}
     units = [u for u, _, _ in DAMAGE]
-    bookkeeping = {"manifest.json", "fingerprint.json", "metrics.jsonl"}
+    bookkeeping = {"manifest.json", "fingerprint.json", "metrics.jsonl", "usage.jsonl"}
     after = stamps(run)
     rewritten = sorted(r for r, st in before.items() if after.get(r) != st)
     outside = [
