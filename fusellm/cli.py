@@ -3,6 +3,7 @@
     fusellm run RECIPE [--stages corpus,extract] [--force] [key=value ...]
     fusellm <stage> RECIPE [--force] [key=value ...]
     fusellm show RECIPE [key=value ...]     print the resolved, validated recipe
+    fusellm plan RECIPE [key=value ...]     what the recipe will cost: tokens, disk, memory, time
     fusellm verify RUN_DIR                  re-hash every recorded file of every stage
 
 Exit codes: 0 done, 1 unexpected failure, 2 bad recipe/input/inputs changed.
@@ -69,6 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+
+    p = sub.add_parser(
+        "plan",
+        help="estimate tokens, disk, memory per rank and time of every stage",
+        description="What RECIPE will cost before it runs (see docs/reference.md).",
+    )
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--gpus", type=int, help="ranks that train (default: $WORLD_SIZE or 1)")
+    p.add_argument("--device", choices=["a100-80gb", "h100-80gb", "cpu"], help="time estimates for")
+    p.add_argument(
+        "--corpus-tokens", type=float, help="tokens of the target's train split, if not on disk"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
 
     p = sub.add_parser(
         "verify",
@@ -203,13 +218,18 @@ def main(argv: list[str] | None = None) -> int:
             return _verify(Path(args.run_dir))
         from fusellm.recipe import load_recipe
 
-        if args.command == "show":
-            # stdout carries only the YAML: imports that print (DeepSpeed's accelerator
+        if args.command in ("show", "plan"):
+            # stdout carries only the YAML/plan: imports that print (DeepSpeed's accelerator
             # notice) go to stderr
             with contextlib.redirect_stdout(sys.stderr):
                 recipe = load_recipe(args.recipe, args.overrides)
         else:
             recipe = load_recipe(args.recipe, args.overrides)
+        if args.command == "plan":
+            from fusellm.plan.runner import run as plan
+
+            source = [args.recipe, *args.overrides]
+            return plan(recipe, source, args.gpus, args.device, args.corpus_tokens, args.json)
         if args.command == "show":
             import yaml
 
