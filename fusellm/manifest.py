@@ -214,11 +214,21 @@ def outputs_hash(manifest: dict) -> str:
     return config_hash({rel: rec["sha256"] for rel, rec in manifest["files"].items()})
 
 
+def complete_manifest(stage_path: Path) -> dict | None:
+    """The manifest in ``stage_path`` if it is complete; None if the stage has not run or
+    did not finish."""
+    p = stage_path / MANIFEST
+    if not p.exists():
+        return None
+    man = read_json(p)
+    return man if man.get("complete") else None
+
+
 def load_manifest(stage_path: Path, stage: str) -> dict:
     """The complete manifest of an upstream stage, or a clear error telling what to run."""
-    p = stage_path / MANIFEST
-    if not p.exists() or not read_json(p).get("complete"):
+    man = complete_manifest(stage_path)
+    if man is None:
         raise FileNotFoundError(
             f"{stage}: no complete output at {stage_path}; run `fusellm {stage}` first"
         )
-    return read_json(p)
+    return man

@@ -8,21 +8,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fusellm.manifest import MANIFEST
+from fusellm.manifest import complete_manifest
 from fusellm.stages import ALIGN, BENCH, CLM_ONLY, CORPUS, EVOLVE, EXTRACT, FUSE, MERGE, TRAIN
 
 USAGE = "usage.jsonl"  # written by fusellm.cli after each stage that did work
 
 DISK_TOLERANCE = 0.20
 RSS_TOLERANCE = 0.30
-
-
-def _manifest(path: Path) -> dict | None:
-    p = path / MANIFEST
-    if not p.exists():
-        return None
-    m = json.loads(p.read_text())
-    return m if m.get("complete") else None
 
 
 def _tree_bytes(path: Path) -> int:
@@ -36,31 +28,31 @@ def _files_bytes(man: dict, prefix: str = "") -> int:
 def written(run_dir: Path) -> dict[str, int]:
     """Bytes a run wrote, keyed as the plan's disk rows (``stage/item``)."""
     out: dict[str, int] = {}
-    if man := _manifest(run_dir / CORPUS):
+    if man := complete_manifest(run_dir / CORPUS):
         out[f"{CORPUS}/train/valid/test.jsonl"] = _files_bytes(man)
     index = [d for d in (run_dir / CORPUS).glob("decontam-*") if d.is_dir()]
     if index:
         out[f"{BENCH}/corpus/decontam-* (n-gram index)"] = sum(map(_tree_bytes, index))
     for stage in (EXTRACT, ALIGN):
         for d in sorted((run_dir / stage).glob("*")):
-            if man := _manifest(d):
+            if man := complete_manifest(d):
                 out[f"{stage}/{d.name}"] = man["stats"]["bytes"]
     maps = run_dir / ALIGN / "maps"
     if maps.is_dir():
         out[f"{ALIGN}/maps"] = _tree_bytes(maps)
-    if man := _manifest(run_dir / FUSE):
+    if man := complete_manifest(run_dir / FUSE):
         out[f"{FUSE}/shards"] = man["stats"]["bytes"]
     for stage in (TRAIN, CLM_ONLY):
-        if man := _manifest(run_dir / stage):
+        if man := complete_manifest(run_dir / stage):
             out[f"{stage}/model"] = _files_bytes(man, "model/")
             ckpts = run_dir / stage / "checkpoints"
             out[f"{stage}/checkpoints"] = (
                 sum(_tree_bytes(p) for p in ckpts.glob("checkpoint-*")) if ckpts.is_dir() else 0
             )
     for d in sorted((run_dir / MERGE).glob("*")):
-        if man := _manifest(d):
+        if man := complete_manifest(d):
             out[f"{MERGE}/{d.name}"] = _files_bytes(man, "model/")
-    if man := _manifest(run_dir / EVOLVE):
+    if man := complete_manifest(run_dir / EVOLVE):
         out[f"{EVOLVE}/model"] = _files_bytes(man, "model/")
     return out
 
