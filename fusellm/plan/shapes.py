@@ -18,7 +18,23 @@ from fusellm.models import PARTS_PREFIX, ModelLoadError, converted_dir, locate, 
 from fusellm.packages import resolve_pkg_path
 from fusellm.plan.bundled import BUNDLED_CONFIGS
 from fusellm.plan.core import ModelShape
-from fusellm.recipe import ModelSpec
+from fusellm.recipe import ModelSpec, Recipe
+
+
+def model_shapes(recipe: Recipe) -> dict[str, ModelShape]:
+    """The shape of every model of the recipe; :class:`ModelLoadError` naming the model
+    whose shape cannot be built."""
+    out = {}
+    for name in recipe.all_models:
+        spec = recipe.models[name]
+        cfg, where = model_config(spec, name)
+        try:
+            out[name] = shape_of(cfg, where, spec.trust_remote_code)
+        except Exception as e:
+            raise ModelLoadError(
+                f"model '{name}': cannot build its shapes from {where}: {e}"
+            ) from e
+    return out
 
 
 def model_config(spec: ModelSpec, name: str):
