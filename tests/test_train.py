@@ -417,7 +417,8 @@ def test_chunked_head_trains_exactly_as_full_logits(fused, tmp_path):
 def test_chunked_head_refuses_logits_it_cannot_reproduce():
     """Gemma's soft-capped logits are reproduced by the head; a model that transforms its
     logits otherwise is refused before training on other logits than its own."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+    from conftest import _tiny_model
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaForCausalLM
 
     from fusellm.heads import OutputHead
     from fusellm.train.trainer import HeadMismatch, check_head
@@ -448,15 +449,7 @@ def test_chunked_head_refuses_logits_it_cannot_reproduce():
     check_head(gemma, head, batch, exact=True)
     with pytest.raises(HeadMismatch, match="head_chunk_tokens: 0"):
         check_head(gemma, OutputHead(gemma.lm_head), batch, exact=True)  # cap left out
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    tempered = Tempered(cfg)
+    tempered = Tempered(_tiny_model("llama", 100).config)
     with pytest.raises(HeadMismatch, match="Tempered"):
         check_head(tempered, OutputHead.of(tempered), batch, exact=True)
 
