@@ -142,3 +142,85 @@ def test_merging_different_architectures_is_refused(pair_recipe, capsys):
     assert main(["merge", str(pair_recipe), *over]) == 2
     err = capsys.readouterr().err
     assert "neox" in err and "fusion" in err
+
+
+PS_DFS = """
+evolve:
+  ps: {method: linear, models: [llama, llama_ft], generations: 2, popsize: 4, max_docs: 4}
+  dfs:
+    space: dfs
+    models: [evolve:ps, llama_ft]
+    repeats: 2
+    generations: 2
+    popsize: 6
+    sigma0: 0.6
+    max_docs: 4
+bench:
+  models: [llama, "evolve:ps", "evolve:dfs"]
+  tasks: [lm]
+"""
+
+
+def test_ps_then_dfs_in_one_recipe_and_the_saved_path_scores_as_searched(pair_recipe, tmp_path):
+    """Named searches run in order: a data-flow search over the parameter-space merge and
+    a source (PS+DFS). The saved path (an ordinary Llama directory, scales folded) scores
+    on the dev split as its candidate did in the search, and bench reads it by name."""
+    from transformers import AutoModelForCausalLM
+
+    from fusellm.merge.evolve import _dev_units, bits_per_byte
+    from fusellm.recipe import load_recipe
+
+    text = pair_recipe.read_text()
+    pair_recipe.write_text(text[: text.index("evolve:")] + PS_DFS)
+    assert main(["run", str(pair_recipe), "--stages", "corpus,evolve,bench"]) == 0
+    run = tmp_path / "run"
+    for name in ("ps", "dfs"):
+        man = json.loads((run / "evolve" / name / "manifest.json").read_text())
+        assert man["complete"] and man["stats"]["generations"] == 2
+    dfs = json.loads((run / "evolve" / "dfs" / "manifest.json").read_text())["stats"]
+    path = json.loads((run / "evolve" / "dfs" / "path.json").read_text())
+    assert path["embeddings_from"] == "evolve:ps" and path["path"]
+    assert {s["model"] for s in path["path"]} <= {"evolve:ps", "llama_ft"}
+    model = AutoModelForCausalLM.from_pretrained(run / "evolve" / "dfs" / "model")
+    assert model.config.num_hidden_layers == len(path["path"])
+    r = load_recipe(pair_recipe)
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(run / "evolve" / "dfs" / "model")
+    units, nbytes, _ = _dev_units(r, r.evolve["dfs"], tok)
+    saved = bits_per_byte(model.eval(), tok, units, nbytes, 2048)
+    assert abs(saved - dfs["best_dev_bpb"]) < 1e-4 * dfs["best_dev_bpb"], (saved, dfs)
+    res = json.loads((run / "bench" / "results.json").read_text())
+    assert res["models"] == ["llama", "evolve:ps", "evolve:dfs"]
+
+
+def test_a_killed_dfs_search_resumes_to_the_identical_result(pair_recipe, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    text = pair_recipe.read_text()
+    pair_recipe.write_text(text[: text.index("evolve:")] + PS_DFS)
+    assert main(["run", str(pair_recipe), "--stages", "corpus,evolve"]) == 0
+    run = tmp_path / "run"
+    want = {f: (run / "evolve" / "dfs" / f).read_bytes() for f in ("best.json", "path.json")}
+    shutil.rmtree(run / "evolve" / "dfs")
+    # killed in generation 2 (after generation 1's checkpoint), then rerun
+    killer = (
+        "import os, signal, sys\n"
+        "import fusellm.merge.evolve as ev\n"
+        "real, n = ev.bits_per_byte, [0]\n"
+        "def bpb(*a, **k):\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 1 + 6 + 3: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(*a, **k)\n"
+        "ev.bits_per_byte = bpb\n"
+        "from fusellm.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", killer, "evolve", str(pair_recipe)], capture_output=True, text=True
+    )
+    assert r.returncode == -9, r.stderr[-2000:]
+    saved = json.loads((run / "evolve" / "dfs" / "search.json").read_text())
+    assert len(saved["generations"]) == 1
+    assert main(["evolve", str(pair_recipe)]) == 0
+    assert {f: (run / "evolve" / "dfs" / f).read_bytes() for f in want} == want
