@@ -25,13 +25,7 @@ from fusellm.bench.harness import load_tasks as load_harness_tasks
 from fusellm.bench.harness import score_task as score_harness_task
 from fusellm.bench.parallel import score_units
 from fusellm.bench.report import plot, to_csv, to_markdown
-from fusellm.bench.score import (
-    LogProbModel,
-    best_device,
-    document_units,
-    prefix_id,
-    request_unit,
-)
+from fusellm.bench.score import LogProbModel, best_device, pad_id, task_record, task_units
 from fusellm.bench.stats import HIGHER_IS_BETTER, compare, item_metrics, perplexity
 from fusellm.bench.tasks import LM, Task, load_lm, load_task
 from fusellm.distributed import Rank, on_rank0
@@ -90,47 +84,11 @@ def score_task(
     lpm: LogProbModel, tok, task: Task, cfg: BenchConfig, desc: str, rank: Rank | None = None
 ) -> dict[str, Any]:
     """Per-item scores of one model on one task (see :mod:`fusellm.bench.stats`)."""
-    units, owner = [], []  # owner[u] = (item index, request index)
-    for i, it in enumerate(task.items):
-        for j, (ctx, cont) in enumerate(it.requests):
-            try:
-                us = (
-                    document_units(tok, cont, cfg.max_length)
-                    if task.kind == "lm"
-                    else [request_unit(tok, ctx, cont, cfg.max_length)]
-                )
-            except ValueError as e:
-                raise ValueError(f"{desc}: item {it.id} request {j}: {e}") from None
-            units += us
-            owner += [(i, j)] * len(us)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else prefix_id(tok)
-    lp, n, greedy = score_units(lpm, units, pad, cfg.batch_tokens, rank or Rank(0, 1, 0), desc)
-    # Sum the units of each (item, request).
-    keys = {}
-    for k, ij in enumerate(owner):
-        acc = keys.setdefault(ij, [0.0, 0, True])
-        acc[0] += lp[k]
-        acc[1] += int(n[k])
-        acc[2] = acc[2] and bool(greedy[k])
-    ids = [it.id for it in task.items]
-    if task.kind == "lm":
-        return {
-            "ids": ids,
-            "group": [it.group or it.id for it in task.items],
-            "domain": [it.domain for it in task.items],
-            "nll": [-keys.get((i, 0), [0.0])[0] for i in range(len(ids))],
-            "bytes": [len(it.requests[0][1].encode("utf-8")) for it in task.items],
-            "tokens": [keys.get((i, 0), [0.0, 0])[1] for i in range(len(ids))],
-        }
-    per = [[keys[(i, j)] for j in range(len(it.requests))] for i, it in enumerate(task.items)]
-    return {
-        "ids": ids,
-        "gold": [it.gold for it in task.items],
-        "ll": [[a[0] for a in p] for p in per],
-        "tokens": [[a[1] for a in p] for p in per],
-        "chars": [[len(c) for _, c in it.requests] for it in task.items],
-        "greedy": [bool(p[it.gold][2]) for p, it in zip(per, task.items, strict=True)],
-    }
+    units, owner = task_units(tok, task, cfg.max_length, desc)
+    lp, n, greedy = score_units(
+        lpm, units, pad_id(tok), cfg.batch_tokens, rank or Rank(0, 1, 0), desc
+    )
+    return task_record(task, owner, lp, n, greedy)
 
 
 def _slug(s: str) -> str:
