@@ -126,15 +126,52 @@ def test_merge_evolve_bench_end_to_end(pair_recipe, tmp_path, tiny_models):
     assert "merge_method: linear" in (run / "merge" / "lin" / "mergekit.yaml").read_text()
     ev = json.loads((run / "evolve" / "manifest.json").read_text())
     assert ev["stats"]["generations"] == 2 and ev["stats"]["evaluations"] == 8
-    assert ev["stats"]["best_dev_bpb"] <= ev["stats"]["reference_dev_bpb"] + 1.0
-    rows = (run / "evolve" / "generations.csv").read_text().splitlines()
-    assert len(rows) == 3 and rows[0].startswith("generation,")
+    assert ev["stats"]["best_fitness"] <= ev["stats"]["reference_fitness"] + 1.0
+    # today's fitness: dev bits per byte alone
+    assert ev["stats"]["best_objectives"] == {"lm": ev["stats"]["best_fitness"]}
+    rows = _rows(run / "evolve" / "generations.csv")
+    assert len(rows) == 2 and list(rows[0])[:7] == [
+        "generation",
+        "evaluations",
+        "gen_best",
+        "gen_median",
+        "gen_mean",
+        "best",
+        "best:lm",
+    ]
+    assert _png_width(run / "evolve" / "fitness.png") == round(3.6 * 110)  # one panel
     res = json.loads((run / "bench" / "results.json").read_text())
     assert res["models"] == ["llama", "llama_ft", "merge:lin", "merge:ties", "evolve"]
-    # a longer search continues from the finished generations
+    # a longer search continues from the finished generations; the objectives of the
+    # replayed generations' best candidates (not in the checkpoint) are scored again
     assert main(["evolve", str(pair_recipe), "evolve.generations=3"]) == 0
     ev = json.loads((run / "evolve" / "manifest.json").read_text())
     assert ev["stats"]["generations"] == 3 and ev["stats"]["evaluations"] == 12
+    longer = _rows(run / "evolve" / "generations.csv")
+    assert [r["best:lm"] for r in longer[:2]] == [r["best:lm"] for r in rows]
+    # task accuracy as fitness: a weighted sum with the dev bits per byte
+    over = ["evolve.fitness={lm: 1.0, arc_easy:rc_0shot: 0.5}", "evolve.task_items=3"]
+    assert main(["evolve", str(pair_recipe), *over, "--force"]) == 0
+    ev = json.loads((run / "evolve" / "manifest.json").read_text())["stats"]
+    objs = ev["best_objectives"]
+    assert ev["dev_items"] == {"lm": 4, "arc_easy:rc_0shot": 3}
+    assert ev["best_fitness"] == pytest.approx(objs["lm"] - 0.5 * objs["arc_easy:rc_0shot"])
+    last = _rows(run / "evolve" / "generations.csv")[-1]
+    assert float(last["best:arc_easy:rc_0shot"]) == objs["arc_easy:rc_0shot"]
+    assert _png_width(run / "evolve" / "fitness.png") == round(3 * 3.6 * 110)  # + objectives
+
+
+def _rows(path) -> list[dict]:
+    import csv
+
+    with open(path, encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _png_width(path) -> int:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big")
 
 
 def test_merging_different_architectures_is_refused(pair_recipe, capsys):

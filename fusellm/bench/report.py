@@ -85,11 +85,7 @@ def to_markdown(rows: list[dict[str, Any]], models: list[str], reference: str) -
 
 def plot(rows: list[dict[str, Any]], models: list[str], path: Path) -> None:
     """One panel per primary metric, a bar per model with ±1 SE error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     main = [r for r in rows if r.get("primary")]
     cols = list(dict.fromkeys(column(r) for r in main))
     cell = {(r["model"], column(r)): r for r in main}
@@ -114,7 +110,22 @@ def plot(rows: list[dict[str, Any]], models: list[str], path: Path) -> None:
             ax.set_ylim(max(lo - pad, 0.0), hi + pad)
         ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
+    save_png(fig, path)
+
+
+def pyplot():
+    """matplotlib's pyplot drawing off-screen (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, written atomically; the figure is closed."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
     atomic_write_bytes(path, buf.getvalue())

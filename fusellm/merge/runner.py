@@ -2,10 +2,11 @@
 
 ``merge``: each named merge in the ``merge:`` section → ``run_dir/merge/NAME/model`` (an HF
 directory) plus ``mergekit.yaml``. ``evolve``: CMA-ES over a merge's weights/densities with
-dev-split bits per byte as fitness → ``run_dir/evolve/model``, ``mergekit.yaml``,
-``generations.csv``. Both hold the input models in memory (fine up to a few B parameters on
-one machine); for 7B-scale merges run the written ``mergekit.yaml`` with ``mergekit-yaml``,
-which streams tensors lazily.
+dev-split bits per byte and/or task accuracy as fitness (:mod:`fusellm.merge.fitness`) →
+``run_dir/evolve/model``, ``mergekit.yaml``, ``generations.csv``, ``fitness.png``. Both hold
+the input models in memory (fine up to a few B parameters on one machine); for 7B-scale
+merges run the written ``mergekit.yaml`` with ``mergekit-yaml``, which streams tensors
+lazily.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,14 @@ import torch
 from fusellm.manifest import StageDir
 from fusellm.merge.config import HAS_DENSITY, NEEDS_BASE, EvolveConfig, MergeSpec
 from fusellm.merge.core import check_compatible, merge, mergekit_yaml
+from fusellm.merge.fitness import (
+    FITNESS_PNG,
+    GENERATIONS_CSV,
+    Fitness,
+    generations_csv,
+    plot_fitness,
+    read_curves,
+)
 from fusellm.models import (
     converted_dir,
     load_model,
@@ -31,7 +39,7 @@ from fusellm.models import (
 )
 from fusellm.recipe import ModelSpec, Recipe
 from fusellm.refs import resolve
-from fusellm.stages import CORPUS, EVOLVE, MERGE
+from fusellm.stages import EVOLVE, MERGE
 from fusellm.storage import atomic_dir, atomic_write_bytes, atomic_write_json
 from fusellm.tracking import start_run
 
@@ -187,31 +195,6 @@ def merge_one(recipe: Recipe, name: str, spec: MergeSpec, force: bool) -> dict |
 # ---------------------------------------------------------------------------- evolve
 
 
-def _dev_units(recipe: Recipe, cfg: EvolveConfig, tok):
-    from fusellm.bench.score import document_units
-    from fusellm.bench.tasks import load_lm
-
-    task = load_lm(recipe.stage_dir(CORPUS), cfg.split, cfg.max_docs, cfg.seed)
-    units = [u for it in task.items for u in document_units(tok, it.requests[0][1], cfg.max_length)]
-    nbytes = sum(len(it.requests[0][1].encode("utf-8")) for it in task.items)
-    if not nbytes:
-        raise ValueError(f"evolve: the '{cfg.split}' split has no text to score candidates on")
-    return units, nbytes, len(task.items)
-
-
-def bits_per_byte(model, tok, units, nbytes: int, batch_tokens: int) -> float:
-    """Σ NLL / (ln 2 · Σ bytes) of ``units`` (see :mod:`fusellm.bench.score`)."""
-    from fusellm.bench.score import LogProbModel, batches, prefix_id
-
-    lpm = LogProbModel([model])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else prefix_id(tok)
-    total = 0.0
-    for b in batches(units, batch_tokens):
-        lp, _, _ = lpm.score([units[i] for i in b], pad)
-        total += float(lp.sum())
-    return -total / math.log(2) / max(nbytes, 1)
-
-
 class Genome:
     """x ↔ merge parameters: per model, ``layer_groups`` weights then (optionally) as many
     densities."""
@@ -274,7 +257,7 @@ def run_evolve(recipe: Recipe, force: bool = False) -> dict | None:
 
     inp = Inputs(found, device=best_device())
     genome = Genome(cfg)
-    units, nbytes, ndocs = _dev_units(recipe, cfg, inp.tokenizer)
+    fit = Fitness.for_evolve(recipe, cfg, inp.tokenizer)
     work = inp.work
     dtype = torch.float32
 
@@ -292,31 +275,48 @@ def run_evolve(recipe: Recipe, force: bool = False) -> dict | None:
             dtype=dtype,
         )
 
+    scored: dict[tuple[float, ...], dict[str, float]] = {}  # x -> its objectives' values
+
     def fitness(x: np.ndarray) -> float:
         work.load_state_dict(merged_at(x))
-        return bits_per_byte(work, inp.tokenizer, units, nbytes, cfg.batch_tokens)
+        f, scored[tuple(float(v) for v in x)] = fit.score(work)
+        return f
+
+    def objectives(x: list[float]) -> dict[str, float]:
+        """Each objective's value at ``x``; the checkpoint keeps only the combined fitness,
+        so a best candidate of a generation replayed on resume is scored again."""
+        if tuple(x) not in scored:
+            fitness(np.asarray(x))
+        return scored[tuple(x)]
+
+    def write_curves(history: list[dict]) -> None:
+        text = _csv(history, genome, [objectives(r["best_x"]) for r in history])
+        atomic_write_bytes(csv_path, text.encode())
+        plot_fitness(read_curves(csv_path), sd.path / FITNESS_PNG)
 
     x0, bounds = genome.x0_bounds()
-    csv_path = sd.path / "generations.csv"
+    csv_path = sd.path / GENERATIONS_CSV
     with start_run(recipe, "evolve", fp) as tracker:
 
         def on_generation(history: list[dict]) -> None:
             rec = history[-1]
-            atomic_write_bytes(csv_path, _csv(history, genome).encode())
-            keys = ("evaluations", "gen_best", "gen_mean", "best", "sigma")
-            tracker.log({k: rec[k] for k in keys}, step=rec["generation"])
+            write_curves(history)
+            keys = ("evaluations", "gen_best", "gen_mean", "gen_median", "best", "sigma")
+            best_objectives = {f"best_{k}": v for k, v in objectives(rec["best_x"]).items()}
+            tracker.log({**{k: rec[k] for k in keys}, **best_objectives}, step=rec["generation"])
             log.info(
-                "evolve: generation %d/%d, %d evaluations, best dev bpb %.5f (σ %.3f)",
+                "evolve: generation %d/%d, %d evaluations, best fitness %.5f %s (σ %.3f)",
                 rec["generation"],
                 cfg.generations,
                 rec["evaluations"],
                 rec["best"],
+                objectives(rec["best_x"]),
                 rec["sigma"],
             )
 
         reference = base or refs[0]
         work.load_state_dict(inp.states[reference])
-        ref_bpb = bits_per_byte(work, inp.tokenizer, units, nbytes, cfg.batch_tokens)
+        ref_fitness, ref_objectives = fit.score(work)
         st = search(
             fitness,
             x0,
@@ -330,7 +330,7 @@ def run_evolve(recipe: Recipe, force: bool = False) -> dict | None:
         )
         # Also after a resume that only replayed finished generations (the last CSV write
         # may be what a kill interrupted).
-        atomic_write_bytes(csv_path, _csv(st.history, genome).encode())
+        write_curves(st.history)
         w, d = genome.decode(st.best_x)
         inp.save(merged_at(st.best_x), sd.path / "model", torch.float32)
         params = {m: {"weight": w[m], **({"density": d[m]} if d else {})} for m in cfg.models}
@@ -343,50 +343,36 @@ def run_evolve(recipe: Recipe, force: bool = False) -> dict | None:
             "float32",
         )
         atomic_write_bytes(sd.path / "mergekit.yaml", yaml_text.encode())
-        best = {"weight": w, "density": d, "dev_bpb": st.best_f, "x": st.best_x}
+        best_objectives = objectives(st.best_x)
+        best = {
+            "weight": w,
+            "density": d,
+            "fitness": st.best_f,
+            "objectives": best_objectives,
+            "x": st.best_x,
+        }
         atomic_write_json(sd.path / "best.json", best)
         stats = {
             "generations": st.generation,
             "evaluations": st.evaluations,
-            "best_dev_bpb": st.best_f,
+            "best_fitness": st.best_f,
+            "best_objectives": best_objectives,
             "reference": reference,
-            "reference_dev_bpb": ref_bpb,
-            "dev_docs": ndocs,
+            "reference_fitness": ref_fitness,
+            "reference_objectives": ref_objectives,
+            "dev_items": fit.items,
             "dim": genome.dim,
         }
         tracker.summary(stats)
     return sd.finish(_files(sd), stats, fp["config"])
 
 
-def _csv(history: list[dict], genome: Genome) -> str:
-    """generations.csv: one row per generation, the best parameters so far as JSON."""
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(
-        [
-            "generation",
-            "evaluations",
-            "gen_best_bpb",
-            "gen_mean_bpb",
-            "best_bpb",
-            "sigma",
-            "best_params",
-        ]
-    )
+def _csv(history: list[dict], genome: Genome, objectives: list[dict[str, float]]) -> str:
+    """generations.csv (:func:`fusellm.merge.fitness.generations_csv`) with σ and the best
+    parameters so far as JSON."""
+    extra = []
     for r in history:
         weight, density = genome.decode(r["best_x"])
-        w.writerow(
-            [
-                r["generation"],
-                r["evaluations"],
-                r["gen_best"],
-                r["gen_mean"],
-                r["best"],
-                r["sigma"],
-                json.dumps({"weight": weight, "density": density}),
-            ]
-        )
-    return buf.getvalue()
+        params = json.dumps({"weight": weight, "density": density})
+        extra.append({"sigma": r["sigma"], "best_params": params})
+    return generations_csv(history, objectives, extra)
