@@ -142,6 +142,8 @@ def test_merge_evolve_bench_end_to_end(pair_recipe, tmp_path, tiny_models):
     assert _png_width(run / "evolve" / "fitness.png") == round(3.6 * 110)  # one panel
     res = json.loads((run / "bench" / "results.json").read_text())
     assert res["models"] == ["llama", "llama_ft", "merge:lin", "merge:ties", "evolve"]
+    # the bench chart: lm bpb panels (all, one domain), then the evolve search's fitness
+    assert _png_width(run / "bench" / "results.png") == round((2.2 + 2 * 2.0 + 3.0) * 110)
     # a longer search continues from the finished generations; the objectives of the
     # replayed generations' best candidates (not in the checkpoint) are scored again
     assert main(["evolve", str(pair_recipe), "evolve.generations=3"]) == 0

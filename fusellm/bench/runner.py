@@ -30,6 +30,7 @@ from fusellm.bench.stats import HIGHER_IS_BETTER, compare, item_metrics, perplex
 from fusellm.bench.tasks import LM, Task, load_lm, load_task
 from fusellm.distributed import Rank, on_rank0
 from fusellm.manifest import StageDir
+from fusellm.merge.fitness import GENERATIONS_CSV, read_curves
 from fusellm.models import (
     load_model,
     load_tokenizer,
@@ -175,7 +176,11 @@ def _run(recipe: Recipe, cfg: BenchConfig, device: str, rank: Rank, force: bool)
         for t in tasks
     }
     config = {"bench": cfg.model_dump(mode="json"), "models": {m.label: m.identity for m in models}}
-    sd = StageDir(STAGE, out_dir, {**config, "scores": config_hash(sorted(keys.values()))})
+    searches = search_csvs(recipe, [m.label for m in models])
+    # a longer search may keep its best model: its curves alone then change the chart
+    curves_fp = {k: config_hash(p.read_text(encoding="utf-8")) for k, p in searches.items()}
+    fp = {**config, "scores": config_hash(sorted(keys.values()))}
+    sd = StageDir(STAGE, out_dir, {**fp, "curves": curves_fp} if curves_fp else fp)
 
     records: dict[tuple[str, str], dict] = {}
     tok_ids: dict[str, str] = {}
@@ -250,7 +255,7 @@ def _run(recipe: Recipe, cfg: BenchConfig, device: str, rank: Rank, force: bool)
             return {}
         rows = build_rows(models, tasks, records, tok_ids, cfg.bootstrap)
         labels = [m.label for m in models]
-        write_results(out_dir, rows, labels, tasks)
+        write_results(out_dir, rows, labels, tasks, searches)
         tracker.log_table(
             "results",
             ["model", "task", "group", "metric", "value", "se", "n"],
@@ -329,7 +334,25 @@ def build_rows(models, tasks, records, tok_ids, bootstrap: int) -> list[dict[str
     return rows
 
 
-def write_results(out_dir: Path, rows: list[dict], labels: list[str], tasks: list[Task]) -> None:
+def search_csvs(recipe: Recipe, labels: list[str]) -> dict[str, Path]:
+    """``generations.csv`` of each searched merge (``evolve``) among the bench's models."""
+    found = {label: output_dir(recipe, label) for label in labels}
+    return {
+        label: out[0] / GENERATIONS_CSV
+        for label, out in found.items()
+        if out is not None and (out[0] / GENERATIONS_CSV).is_file()
+    }
+
+
+def write_results(
+    out_dir: Path,
+    rows: list[dict],
+    labels: list[str],
+    tasks: list[Task],
+    searches: dict[str, Path] | None = None,
+) -> None:
+    """results.{json,csv,md,png}; the chart also shows the fitness curves of ``searches``
+    (label -> its ``generations.csv``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         t.name: {
@@ -346,4 +369,10 @@ def write_results(out_dir: Path, rows: list[dict], labels: list[str], tasks: lis
     atomic_write_json(out_dir / "results.json", {"models": labels, "tasks": meta, "rows": rows})
     atomic_write_bytes(out_dir / "results.csv", to_csv(rows).encode())
     atomic_write_bytes(out_dir / "results.md", to_markdown(rows, labels, labels[0]).encode())
-    plot(rows, labels, out_dir / "results.png")
+    curves = {}
+    for label, path in (searches or {}).items():
+        try:
+            curves[label] = read_curves(path)
+        except ValueError as e:
+            log.warning("bench: the chart has no fitness panel for %s: %s", label, e)
+    plot(rows, labels, out_dir / "results.png", curves)
