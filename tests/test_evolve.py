@@ -126,15 +126,54 @@ def test_merge_evolve_bench_end_to_end(pair_recipe, tmp_path, tiny_models):
     assert "merge_method: linear" in (run / "merge" / "lin" / "mergekit.yaml").read_text()
     ev = json.loads((run / "evolve" / "manifest.json").read_text())
     assert ev["stats"]["generations"] == 2 and ev["stats"]["evaluations"] == 8
-    assert ev["stats"]["best_dev_bpb"] <= ev["stats"]["reference_dev_bpb"] + 1.0
-    rows = (run / "evolve" / "generations.csv").read_text().splitlines()
-    assert len(rows) == 3 and rows[0].startswith("generation,")
+    assert ev["stats"]["best_fitness"] <= ev["stats"]["reference_fitness"] + 1.0
+    # today's fitness: dev bits per byte alone
+    assert ev["stats"]["best_objectives"] == {"lm": ev["stats"]["best_fitness"]}
+    rows = _rows(run / "evolve" / "generations.csv")
+    assert len(rows) == 2 and list(rows[0])[:7] == [
+        "generation",
+        "evaluations",
+        "gen_best",
+        "gen_median",
+        "gen_mean",
+        "best",
+        "best:lm",
+    ]
+    assert _png_width(run / "evolve" / "fitness.png") == round(3.6 * 110)  # one panel
     res = json.loads((run / "bench" / "results.json").read_text())
     assert res["models"] == ["llama", "llama_ft", "merge:lin", "merge:ties", "evolve"]
-    # a longer search continues from the finished generations
+    # the bench chart: lm bpb panels (all, one domain), then the evolve search's fitness
+    assert _png_width(run / "bench" / "results.png") == round((2.2 + 2 * 2.0 + 3.0) * 110)
+    # a longer search continues from the finished generations; the objectives of the
+    # replayed generations' best candidates (not in the checkpoint) are scored again
     assert main(["evolve", str(pair_recipe), "evolve.generations=3"]) == 0
     ev = json.loads((run / "evolve" / "manifest.json").read_text())
     assert ev["stats"]["generations"] == 3 and ev["stats"]["evaluations"] == 12
+    longer = _rows(run / "evolve" / "generations.csv")
+    assert [r["best:lm"] for r in longer[:2]] == [r["best:lm"] for r in rows]
+    # task accuracy as fitness: a weighted sum with the dev bits per byte
+    over = ["evolve.fitness={lm: 1.0, arc_easy:rc_0shot: 0.5}", "evolve.task_items=3"]
+    assert main(["evolve", str(pair_recipe), *over, "--force"]) == 0
+    ev = json.loads((run / "evolve" / "manifest.json").read_text())["stats"]
+    objs = ev["best_objectives"]
+    assert ev["dev_items"] == {"lm": 4, "arc_easy:rc_0shot": 3}
+    assert ev["best_fitness"] == pytest.approx(objs["lm"] - 0.5 * objs["arc_easy:rc_0shot"])
+    last = _rows(run / "evolve" / "generations.csv")[-1]
+    assert float(last["best:arc_easy:rc_0shot"]) == objs["arc_easy:rc_0shot"]
+    assert _png_width(run / "evolve" / "fitness.png") == round(3 * 3.6 * 110)  # + objectives
+
+
+def _rows(path) -> list[dict]:
+    import csv
+
+    with open(path, encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _png_width(path) -> int:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big")
 
 
 def test_merging_different_architectures_is_refused(pair_recipe, capsys):
@@ -165,9 +204,9 @@ def test_ps_then_dfs_in_one_recipe_and_the_saved_path_scores_as_searched(pair_re
     """Named searches run in order: a data-flow search over the parameter-space merge and
     a source (PS+DFS). The saved path (an ordinary Llama directory, scales folded) scores
     on the dev split as its candidate did in the search, and bench reads it by name."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fusellm.merge.evolve import _dev_units, bits_per_byte
+    from fusellm.merge.fitness import Fitness
     from fusellm.recipe import load_recipe
 
     text = pair_recipe.read_text()
@@ -184,10 +223,9 @@ def test_ps_then_dfs_in_one_recipe_and_the_saved_path_scores_as_searched(pair_re
     model = AutoModelForCausalLM.from_pretrained(run / "evolve" / "dfs" / "model")
     assert model.config.num_hidden_layers == len(path["path"])
     r = load_recipe(pair_recipe)
-    tok = __import__("transformers").AutoTokenizer.from_pretrained(run / "evolve" / "dfs" / "model")
-    units, nbytes, _ = _dev_units(r, r.evolve["dfs"], tok)
-    saved = bits_per_byte(model.eval(), tok, units, nbytes, 2048)
-    assert abs(saved - dfs["best_dev_bpb"]) < 1e-4 * dfs["best_dev_bpb"], (saved, dfs)
+    tok = AutoTokenizer.from_pretrained(run / "evolve" / "dfs" / "model")
+    saved, _ = Fitness.for_evolve(r, r.evolve["dfs"], tok).score(model.eval())
+    assert abs(saved - dfs["best_fitness"]) < 1e-4 * dfs["best_fitness"], (saved, dfs)
     res = json.loads((run / "bench" / "results.json").read_text())
     assert res["models"] == ["llama", "evolve:ps", "evolve:dfs"]
 
@@ -206,13 +244,13 @@ def test_a_killed_dfs_search_resumes_to_the_identical_result(pair_recipe, tmp_pa
     # killed in generation 2 (after generation 1's checkpoint), then rerun
     killer = (
         "import os, signal, sys\n"
-        "import fusellm.merge.evolve as ev\n"
-        "real, n = ev.bits_per_byte, [0]\n"
-        "def bpb(*a, **k):\n"
+        "from fusellm.merge.fitness import Fitness\n"
+        "real, n = Fitness.score, [0]\n"
+        "def score(*a, **k):\n"
         "    n[0] += 1\n"
         "    if n[0] == 1 + 6 + 3: os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return real(*a, **k)\n"
-        "ev.bits_per_byte = bpb\n"
+        "Fitness.score = score\n"
         "from fusellm.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
+from fusellm.merge.fitness import Objectives
+
 Method = Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"]
 #: Methods that merge task vectors (model − base) and therefore need a base model.
 NEEDS_BASE = {"task_arithmetic", "ties", "dare_ties", "dare_linear"}
@@ -87,8 +89,9 @@ class EvolveConfig(_Strict):
     method. ``space: dfs`` (data-flow space, :mod:`fusellm.merge.dfs`): which layers of
     which models form the inference path (``repeats`` passes over the sources' layers)
     and the scales where it crosses models (``scales``); the sources must share their
-    architecture. Fitness is bits per byte on the corpus ``split`` (the dev split; never
-    the test split), lower is better. Each candidate is built in memory and scored; nothing
+    architecture. Fitness (minimised): ``fitness`` weighs bits per byte on the corpus
+    ``split`` (``lm``; never the test split) and accuracies on OLMES tasks' validation
+    items (see :mod:`fusellm.merge.fitness`). Each candidate is built in memory and scored; nothing
     is written per candidate. Every generation is logged and checkpointed; a killed search
     resumes.
     """
@@ -114,6 +117,11 @@ class EvolveConfig(_Strict):
     sigma0: float = Field(0.2, gt=0.0)
     popsize: int | None = Field(None, ge=2, description="default: CMA-ES's 4 + 3 ln(dim)")
     generations: int = Field(10, ge=1)
+    fitness: Objectives = Field(
+        default_factory=lambda: {"lm": 1.0},
+        description="objective (lm or TASK:VARIANT) -> weight; minimised: Σ w·bpb − Σ w·accuracy",
+    )
+    task_items: int = Field(64, ge=1, description="items per task objective (a seeded subsample)")
     split: Literal["valid", "train"] = "valid"
     max_docs: int | None = Field(64, ge=1, description="dev documents scored per candidate")
     max_length: int = Field(1024, ge=8)

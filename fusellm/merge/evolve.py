@@ -13,17 +13,18 @@ Two search spaces, one loop (:func:`fusellm.merge.search.search`):
   the scales where it crosses models; the best path is saved as an ordinary model with the
   scales folded in, and ``path.json``.
 
-Fitness: bits per byte on the corpus dev ``split``, lower is better. Candidates are built
-and scored in memory. Every generation goes to ``generations.csv``, W&B and the log; the
-search state is checkpointed as JSON after each, and a killed search resumes to the result
-an uninterrupted one gives.
+Fitness (:mod:`fusellm.merge.fitness`): bits per byte on the corpus dev ``split`` and/or
+accuracy on validation items of OLMES tasks, a weighted sum to minimise. Candidates are
+built and scored in memory. Every generation goes to ``generations.csv`` (each objective's
+value for the best candidate so far), ``fitness.png``, W&B and the log; the search state is
+checkpointed as JSON after each, and a killed search resumes to the result an
+uninterrupted one gives.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,14 @@ import torch
 from fusellm.manifest import StageDir
 from fusellm.merge.config import HAS_DENSITY, NEEDS_BASE, EvolveConfig
 from fusellm.merge.core import merge, mergekit_yaml
+from fusellm.merge.fitness import (
+    FITNESS_PNG,
+    GENERATIONS_CSV,
+    Fitness,
+    generations_csv,
+    plot_fitness,
+    read_curves,
+)
 from fusellm.merge.runner import (
     SEARCH_STATE,
     Inputs,
@@ -41,7 +50,7 @@ from fusellm.merge.runner import (
 )
 from fusellm.models import load_model, load_tokenizer, tokenizer_fingerprint
 from fusellm.recipe import Recipe
-from fusellm.stages import CORPUS, EVOLVE
+from fusellm.stages import EVOLVE
 from fusellm.storage import atomic_dir, atomic_write_bytes, atomic_write_json
 from fusellm.tracking import start_run
 
@@ -234,33 +243,54 @@ def _search(recipe: Recipe, name: str | None, cfg: EvolveConfig, force: bool) ->
     (sd.path / "manifest.json").unlink(missing_ok=True)
     device = best_device()
     space = (PsSpace if cfg.space == "ps" else DfsSpace)(cfg, found, device)
-    units, nbytes, ndocs = _dev_units(recipe, cfg, space.tokenizer)
+    fit = Fitness.for_evolve(recipe, cfg, space.tokenizer)
+    scored: dict[tuple[float, ...], dict[str, float]] = {}  # x -> its objectives' values
 
-    def bpb(model) -> float:
-        return bits_per_byte(model, space.tokenizer, units, nbytes, cfg.batch_tokens)
+    def fitness(x: np.ndarray) -> float:
+        f, scored[tuple(float(v) for v in x)] = fit.score(space.candidate(x))
+        return f
+
+    def objectives(x: list[float]) -> dict[str, float]:
+        """Each objective's value at ``x``; the checkpoint keeps only the combined fitness,
+        so a best candidate of a generation replayed on resume is scored again."""
+        if tuple(x) not in scored:
+            fitness(np.asarray(x))
+        return scored[tuple(x)]
+
+    csv_path = sd.path / GENERATIONS_CSV
+
+    def write_curves(history: list[dict]) -> None:
+        extra = [
+            {"sigma": r["sigma"], "best_params": json.dumps(space.describe(r["best_x"]))}
+            for r in history
+        ]
+        text = generations_csv(history, [objectives(r["best_x"]) for r in history], extra)
+        atomic_write_bytes(csv_path, text.encode())
+        plot_fitness(read_curves(csv_path), sd.path / FITNESS_PNG, label)
 
     x0, bounds = space.x0_bounds()
-    csv_path = sd.path / "generations.csv"
     with start_run(recipe, label.replace(":", "/"), fp) as tracker:
 
         def on_generation(history: list[dict]) -> None:
             rec = history[-1]
-            atomic_write_bytes(csv_path, _csv(history, space).encode())
-            keys = ("evaluations", "gen_best", "gen_mean", "best", "sigma")
-            tracker.log({k: rec[k] for k in keys}, step=rec["generation"])
+            write_curves(history)
+            keys = ("evaluations", "gen_best", "gen_mean", "gen_median", "best", "sigma")
+            best_objectives = {f"best_{k}": v for k, v in objectives(rec["best_x"]).items()}
+            tracker.log({**{k: rec[k] for k in keys}, **best_objectives}, step=rec["generation"])
             log.info(
-                "%s: generation %d/%d, %d evaluations, best dev bpb %.5f (σ %.3f)",
+                "%s: generation %d/%d, %d evaluations, best fitness %.5f %s (σ %.3f)",
                 label,
                 rec["generation"],
                 cfg.generations,
                 rec["evaluations"],
                 rec["best"],
+                objectives(rec["best_x"]),
                 rec["sigma"],
             )
 
-        ref_bpb = bpb(space.reference_model())
+        ref_fitness, ref_objectives = fit.score(space.reference_model())
         st = search(
-            lambda x: bpb(space.candidate(x)),
+            fitness,
             x0,
             bounds,
             cfg.sigma0,
@@ -272,77 +302,27 @@ def _search(recipe: Recipe, name: str | None, cfg: EvolveConfig, force: bool) ->
         )
         # Also after a resume that only replayed finished generations (the last CSV write
         # may be what a kill interrupted).
-        atomic_write_bytes(csv_path, _csv(st.history, space).encode())
+        write_curves(st.history)
         space.save(st.best_x, sd.path)
-        best = {**space.describe(st.best_x), "dev_bpb": st.best_f, "x": st.best_x}
+        best_objectives = objectives(st.best_x)
+        best = {
+            **space.describe(st.best_x),
+            "fitness": st.best_f,
+            "objectives": best_objectives,
+            "x": st.best_x,
+        }
         atomic_write_json(sd.path / "best.json", best)
         stats = {
             "space": cfg.space,
             "generations": st.generation,
             "evaluations": st.evaluations,
-            "best_dev_bpb": st.best_f,
+            "best_fitness": st.best_f,
+            "best_objectives": best_objectives,
             "reference": space.reference,
-            "reference_dev_bpb": ref_bpb,
-            "dev_docs": ndocs,
+            "reference_fitness": ref_fitness,
+            "reference_objectives": ref_objectives,
+            "dev_items": fit.items,
             "dim": space.dim,
         }
         tracker.summary(stats)
     return sd.finish(output_files(sd), stats, fp["config"])
-
-
-def _dev_units(recipe: Recipe, cfg: EvolveConfig, tok):
-    from fusellm.bench.score import document_units
-    from fusellm.bench.tasks import load_lm
-
-    task = load_lm(recipe.stage_dir(CORPUS), cfg.split, cfg.max_docs, cfg.seed)
-    units = [u for it in task.items for u in document_units(tok, it.requests[0][1], cfg.max_length)]
-    nbytes = sum(len(it.requests[0][1].encode("utf-8")) for it in task.items)
-    if not nbytes:
-        raise ValueError(f"evolve: the '{cfg.split}' split has no text to score candidates on")
-    return units, nbytes, len(task.items)
-
-
-def bits_per_byte(model, tok, units, nbytes: int, batch_tokens: int) -> float:
-    """Σ NLL / (ln 2 · Σ bytes) of ``units`` (see :mod:`fusellm.bench.score`)."""
-    from fusellm.bench.score import LogProbModel, batches, prefix_id
-
-    lpm = LogProbModel([model])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else prefix_id(tok)
-    total = 0.0
-    for b in batches(units, batch_tokens):
-        lp, _, _ = lpm.score([units[i] for i in b], pad)
-        total += float(lp.sum())
-    return -total / math.log(2) / max(nbytes, 1)
-
-
-def _csv(history: list[dict], space) -> str:
-    """generations.csv: one row per generation, the best candidate so far as JSON."""
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(
-        [
-            "generation",
-            "evaluations",
-            "gen_best_bpb",
-            "gen_mean_bpb",
-            "best_bpb",
-            "sigma",
-            "best_params",
-        ]
-    )
-    for r in history:
-        w.writerow(
-            [
-                r["generation"],
-                r["evaluations"],
-                r["gen_best"],
-                r["gen_mean"],
-                r["best"],
-                r["sigma"],
-                json.dumps(space.describe(np.asarray(r["best_x"]))),
-            ]
-        )
-    return buf.getvalue()
