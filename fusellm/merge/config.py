@@ -156,3 +156,11 @@ def EvolveSection(section: Any) -> EvolveConfig | dict[str, EvolveConfig]:  # no
     if isinstance(section, dict) and section and not (set(section) & fields):
         return TypeAdapter(dict[str, EvolveConfig]).validate_python(section, strict=True)
     return EvolveConfig.model_validate(section, strict=True)
+
+
+def evolve_searches(section) -> list[tuple[str | None, EvolveConfig]]:
+    """The ``evolve:`` section's searches in order: ``[(None, cfg)]`` for one search,
+    ``[(name, cfg), ...]`` for named ones."""
+    if section is None:
+        return []
+    return [(None, section)] if isinstance(section, EvolveConfig) else list(section.items())

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from fusellm.manifest import StageDir
-from fusellm.merge.config import HAS_DENSITY, NEEDS_BASE, EvolveConfig
+from fusellm.merge.config import HAS_DENSITY, NEEDS_BASE, EvolveConfig, evolve_searches
 from fusellm.merge.core import merge, mergekit_yaml
 from fusellm.merge.fitness import (
     FITNESS_PNG,
@@ -61,8 +61,9 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, dict | None]:
     section = recipe.evolve
     if section is None:
         raise ValueError("the recipe has no 'evolve:' section")
-    searches = [(None, section)] if isinstance(section, EvolveConfig) else list(section.items())
-    return {name or EVOLVE: _search(recipe, name, cfg, force) for name, cfg in searches}
+    return {
+        name or EVOLVE: _search(recipe, name, cfg, force) for name, cfg in evolve_searches(section)
+    }
 
 
 def search_dir(recipe: Recipe, name: str | None) -> Path:
