@@ -108,3 +108,5 @@ def test_sources_of_another_architecture_are_refused(sources):
     with pytest.raises(ValueError, match="differ in config.num_key_value_heads"):
         check_composable({"a": sources["a"].config.to_dict(), "c": other})
     check_composable({n: m.config.to_dict() for n, m in sources.items()})  # layer counts may differ
+    ran = {**sources["a"].config.to_dict(), "use_cache": False}  # how it runs: not a difference
+    check_composable({"a": sources["a"].config.to_dict(), "c": ran})

@@ -262,3 +262,26 @@ def test_a_killed_dfs_search_resumes_to_the_identical_result(pair_recipe, tmp_pa
     assert len(saved["generations"]) == 1
     assert main(["evolve", str(pair_recipe)]) == 0
     assert {f: (run / "evolve" / "dfs" / f).read_bytes() for f in want} == want
+
+
+def test_a_dfs_search_never_returns_worse_than_its_start(pair_recipe, tmp_path, tiny_models):
+    """The start (the embeddings source's own layers) is scored as the reference: when no
+    sampled path beats it (wild steps here), the saved model is that start, stated."""
+    from safetensors.torch import load_file
+
+    text = pair_recipe.read_text()
+    wild = (
+        "evolve:\n  space: dfs\n  models: [llama, llama_ft]\n  sigma0: 2.0\n"
+        "  generations: 1\n  popsize: 3\n  max_docs: 4\n"
+    )
+    pair_recipe.write_text(text[: text.index("evolve:")] + wild)
+    assert main(["run", str(pair_recipe), "--stages", "corpus,evolve"]) == 0
+    run = tmp_path / "run" / "evolve"
+    stats = json.loads((run / "manifest.json").read_text())["stats"]
+    assert stats["best_is_start"] and stats["best_fitness"] == stats["reference_fitness"]
+    assert stats["best_candidate_fitness"] > stats["reference_fitness"]
+    assert json.loads((run / "best.json").read_text())["is_start"]
+    saved = load_file(run / "model" / "model.safetensors")
+    llama = load_file(tiny_models["llama_bpe"] / "model.safetensors")
+    assert saved.keys() == llama.keys()
+    assert all(torch.equal(saved[k], llama[k]) for k in llama)

@@ -43,7 +43,10 @@ from torch import nn
 # stream (nothing else): a scale of the stream folds into those two projections.
 FOLDABLE = ("llama", "mistral", "qwen2")
 SCALES = ("pairs", "layers", "none")
-# config keys that may differ between sources whose layers compose
+# config keys that may differ between sources whose layers compose: the layer count, and
+# settings of how a model runs or is labelled, not of what its layers compute (the path
+# takes its embeddings, head and their tying from one source; the tokenizer, and so the
+# special token ids, is checked to be the same)
 _FREE_KEYS = {
     "num_hidden_layers",
     "layer_types",
@@ -53,6 +56,22 @@ _FREE_KEYS = {
     "dtype",
     "torch_dtype",
     "architectures",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "torchscript",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "problem_type",
+    "id2label",
+    "label2id",
+    "task_specific_params",
+    "_commit_hash",
 }
 
 

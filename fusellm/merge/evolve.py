@@ -84,6 +84,7 @@ class PsSpace:
         self.per = cfg.layer_groups * (2 if self.dens else 1)
         self.dim = self.per * len(cfg.models)
         self.reference = self.base or cfg.models[0]
+        self.start_is_reference = False  # the reference model is no point of this space
 
     def x0_bounds(self) -> tuple[list[float], tuple[list[float], list[float]]]:
         g, (wl, wh), (dl, dh) = (
@@ -184,6 +185,7 @@ class DfsSpace:
         self.paths = PathModel(self.models, cfg.embeddings)
         self.dim = self.genome.dim
         self.reference = cfg.embeddings
+        self.start_is_reference = True  # x0 decodes to the reference's own layers
 
     def x0_bounds(self):
         return self.genome.x0_bounds()
@@ -304,20 +306,29 @@ def _search(recipe: Recipe, name: str | None, cfg: EvolveConfig, force: bool) ->
         # Also after a resume that only replayed finished generations (the last CSV write
         # may be what a kill interrupted).
         write_curves(st.history)
-        space.save(st.best_x, sd.path)
-        best_objectives = objectives(st.best_x)
+        best_x, best_f, best_objectives = st.best_x, st.best_f, objectives(st.best_x)
+        # A data-flow search starts at a point of its space (the embeddings source's own
+        # path), scored above as the reference: if no candidate beat it, it is the result.
+        start = space.start_is_reference and ref_fitness <= best_f
+        if start:
+            log.info("%s: no candidate beat the starting point; keeping it", label)
+            best_x, best_f, best_objectives = list(x0), ref_fitness, ref_objectives
+        space.save(best_x, sd.path)
         best = {
-            **space.describe(st.best_x),
-            "fitness": st.best_f,
+            **space.describe(best_x),
+            "fitness": best_f,
             "objectives": best_objectives,
-            "x": st.best_x,
+            "x": best_x,
+            "is_start": start,
         }
         atomic_write_json(sd.path / "best.json", best)
         stats = {
             "space": cfg.space,
             "generations": st.generation,
             "evaluations": st.evaluations,
-            "best_fitness": st.best_f,
+            "best_fitness": best_f,
+            "best_is_start": start,
+            "best_candidate_fitness": st.best_f,
             "best_objectives": best_objectives,
             "reference": space.reference,
             "reference_fitness": ref_fitness,
