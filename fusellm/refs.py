@@ -3,7 +3,8 @@ evolve): a name in ``models:``, or a pipeline output.
 
 ``target`` the base target · ``sources`` each source · ``fused`` ``run_dir/train/model`` ·
 ``clm_only`` ``run_dir/clm_only/model`` · ``merge:NAME`` ``run_dir/merge/NAME/model`` ·
-``evolve`` ``run_dir/evolve/model``. Pipeline outputs must be complete (their manifest
+``evolve`` ``run_dir/evolve/model`` · ``evolve:NAME`` ``run_dir/evolve/NAME/model`` (a named
+search). Pipeline outputs must be complete (their manifest
 says so) before anything reads them.
 """
 
@@ -15,7 +16,7 @@ from fusellm.manifest import load_manifest
 from fusellm.recipe import ModelSpec, Recipe
 from fusellm.stages import CLM_ONLY, EVOLVE, MERGE, TRAIN
 
-REFS = "target, sources, fused, clm_only, merge:NAME, evolve"
+REFS = "target, sources, fused, clm_only, merge:NAME, evolve, evolve:NAME"
 
 
 def output_dir(recipe: Recipe, ref: str) -> tuple[Path, str] | None:
@@ -28,6 +29,8 @@ def output_dir(recipe: Recipe, ref: str) -> tuple[Path, str] | None:
         return recipe.stage_dir(MERGE) / ref[len("merge:") :], f"merge '{ref[6:]}'"
     if ref == "evolve":
         return recipe.stage_dir(EVOLVE), EVOLVE
+    if ref.startswith("evolve:"):
+        return recipe.stage_dir(EVOLVE) / ref[len("evolve:") :], f"evolve search '{ref[7:]}'"
     return None
 
 

@@ -103,9 +103,10 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             EVOLVE,
-            "CMA-ES search over merge weights/densities on dev bits per byte (baseline)",
-            "fusellm.merge.runner:run_evolve",
-            "fusellm.merge.config:EvolveConfig",
+            "CMA-ES search over merge weights (parameter space) or layer paths (data-flow "
+            "space) on a dev split (baseline)",
+            "fusellm.merge.evolve:run",
+            "fusellm.merge.config:EvolveSection",
             ranks="first",
         ),
         Stage(

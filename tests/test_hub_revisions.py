@@ -76,13 +76,13 @@ def test_branch_is_pinned_to_its_commit_for_the_whole_process(two_commits, hf_ca
 
 
 def test_revision_may_be_a_tag_or_a_commit(two_commits):
-    from fusellm.merge.runner import _location
+    from fusellm.merge.runner import mergekit_location
 
     for rev, sha in (("v1", SHA_B), (SHA_A, SHA_A), (SHA_B, SHA_B)):
         spec = ModelSpec(path=REPO, revision=rev)
         assert locate(spec, "tiny").identity == f"hub:{REPO}@{sha}"
         assert torch.equal(_weights(load_model(spec, "tiny")), two_commits[sha])
-        assert _location(spec, "tiny") == f"{REPO}@{sha}"  # what mergekit.yaml records
+        assert mergekit_location(spec, "tiny") == f"{REPO}@{sha}"  # what mergekit.yaml records
 
 
 def test_revision_not_in_the_cache_names_the_model(two_commits):

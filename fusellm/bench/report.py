@@ -5,9 +5,12 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fusellm.storage import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from fusellm.merge.fitness import Curves
 
 FIELDS = [
     "model",
@@ -83,19 +86,28 @@ def to_markdown(rows: list[dict[str, Any]], models: list[str], reference: str) -
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], models: list[str], path: Path) -> None:
-    """One panel per primary metric, a bar per model with ±1 SE error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(
+    rows: list[dict[str, Any]],
+    models: list[str],
+    path: Path,
+    curves: dict[str, Curves] | None = None,
+) -> None:
+    """One panel per primary metric, a bar per model with ±1 SE error bars; then one panel
+    per searched merge among the models (``curves``: label -> its fitness per generation,
+    see :func:`fusellm.merge.fitness.draw_fitness`)."""
+    plt = pyplot()
     main = [r for r in rows if r.get("primary")]
     cols = list(dict.fromkeys(column(r) for r in main))
     cell = {(r["model"], column(r)): r for r in main}
-    fig, axes = plt.subplots(1, len(cols), figsize=(2.2 + 2.0 * len(cols), 3.6), squeeze=False)
+    curves = curves or {}
+    fig, axes = plt.subplots(
+        1,
+        len(cols) + len(curves),
+        figsize=(2.2 + 2.0 * len(cols) + 3.0 * len(curves), 3.6),
+        squeeze=False,
+    )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, c in zip(axes[0], cols, strict=True):
+    for ax, c in zip(axes[0][: len(cols)], cols, strict=True):
         vals = [cell[(m, c)]["value"] if (m, c) in cell else float("nan") for m in models]
         errs = [(cell[(m, c)]["se"] or 0.0) if (m, c) in cell else 0.0 for m in models]
         ax.bar(
@@ -113,8 +125,28 @@ def plot(rows: list[dict[str, Any]], models: list[str], path: Path) -> None:
             pad = max((hi - lo) * 0.6, max(errs) * 2, 1e-3)
             ax.set_ylim(max(lo - pad, 0.0), hi + pad)
         ax.tick_params(axis="y", labelsize=7)
+    if curves:
+        from fusellm.merge.fitness import draw_fitness
+
+        for ax, (label, c) in zip(axes[0][len(cols) :], curves.items(), strict=True):
+            draw_fitness(ax, c, f"{label}: search fitness ↓")
     fig.tight_layout()
+    save_png(fig, path)
+
+
+def pyplot():
+    """matplotlib's pyplot drawing off-screen (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, written atomically; the figure is closed."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
     atomic_write_bytes(path, buf.getvalue())

@@ -25,17 +25,12 @@ from fusellm.bench.harness import load_tasks as load_harness_tasks
 from fusellm.bench.harness import score_task as score_harness_task
 from fusellm.bench.parallel import score_units
 from fusellm.bench.report import plot, to_csv, to_markdown
-from fusellm.bench.score import (
-    LogProbModel,
-    best_device,
-    document_units,
-    prefix_id,
-    request_unit,
-)
+from fusellm.bench.score import LogProbModel, best_device, pad_id, task_record, task_units
 from fusellm.bench.stats import HIGHER_IS_BETTER, compare, item_metrics, perplexity
 from fusellm.bench.tasks import LM, Task, load_lm, load_task
 from fusellm.distributed import Rank, on_rank0
 from fusellm.manifest import StageDir
+from fusellm.merge.fitness import GENERATIONS_CSV, read_curves
 from fusellm.models import (
     load_model,
     load_tokenizer,
@@ -90,47 +85,11 @@ def score_task(
     lpm: LogProbModel, tok, task: Task, cfg: BenchConfig, desc: str, rank: Rank | None = None
 ) -> dict[str, Any]:
     """Per-item scores of one model on one task (see :mod:`fusellm.bench.stats`)."""
-    units, owner = [], []  # owner[u] = (item index, request index)
-    for i, it in enumerate(task.items):
-        for j, (ctx, cont) in enumerate(it.requests):
-            try:
-                us = (
-                    document_units(tok, cont, cfg.max_length)
-                    if task.kind == "lm"
-                    else [request_unit(tok, ctx, cont, cfg.max_length)]
-                )
-            except ValueError as e:
-                raise ValueError(f"{desc}: item {it.id} request {j}: {e}") from None
-            units += us
-            owner += [(i, j)] * len(us)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else prefix_id(tok)
-    lp, n, greedy = score_units(lpm, units, pad, cfg.batch_tokens, rank or Rank(0, 1, 0), desc)
-    # Sum the units of each (item, request).
-    keys = {}
-    for k, ij in enumerate(owner):
-        acc = keys.setdefault(ij, [0.0, 0, True])
-        acc[0] += lp[k]
-        acc[1] += int(n[k])
-        acc[2] = acc[2] and bool(greedy[k])
-    ids = [it.id for it in task.items]
-    if task.kind == "lm":
-        return {
-            "ids": ids,
-            "group": [it.group or it.id for it in task.items],
-            "domain": [it.domain for it in task.items],
-            "nll": [-keys.get((i, 0), [0.0])[0] for i in range(len(ids))],
-            "bytes": [len(it.requests[0][1].encode("utf-8")) for it in task.items],
-            "tokens": [keys.get((i, 0), [0.0, 0])[1] for i in range(len(ids))],
-        }
-    per = [[keys[(i, j)] for j in range(len(it.requests))] for i, it in enumerate(task.items)]
-    return {
-        "ids": ids,
-        "gold": [it.gold for it in task.items],
-        "ll": [[a[0] for a in p] for p in per],
-        "tokens": [[a[1] for a in p] for p in per],
-        "chars": [[len(c) for _, c in it.requests] for it in task.items],
-        "greedy": [bool(p[it.gold][2]) for p, it in zip(per, task.items, strict=True)],
-    }
+    units, owner = task_units(tok, task, cfg.max_length, desc)
+    lp, n, greedy = score_units(
+        lpm, units, pad_id(tok), cfg.batch_tokens, rank or Rank(0, 1, 0), desc
+    )
+    return task_record(task, owner, lp, n, greedy)
 
 
 def _slug(s: str) -> str:
@@ -217,7 +176,11 @@ def _run(recipe: Recipe, cfg: BenchConfig, device: str, rank: Rank, force: bool)
         for t in tasks
     }
     config = {"bench": cfg.model_dump(mode="json"), "models": {m.label: m.identity for m in models}}
-    sd = StageDir(STAGE, out_dir, {**config, "scores": config_hash(sorted(keys.values()))})
+    searches = search_csvs(recipe, [m.label for m in models])
+    # a longer search may keep its best model: its curves alone then change the chart
+    curves_fp = {k: config_hash(p.read_text(encoding="utf-8")) for k, p in searches.items()}
+    fp = {**config, "scores": config_hash(sorted(keys.values()))}
+    sd = StageDir(STAGE, out_dir, {**fp, "curves": curves_fp} if curves_fp else fp)
 
     records: dict[tuple[str, str], dict] = {}
     tok_ids: dict[str, str] = {}
@@ -292,7 +255,7 @@ def _run(recipe: Recipe, cfg: BenchConfig, device: str, rank: Rank, force: bool)
             return {}
         rows = build_rows(models, tasks, records, tok_ids, cfg.bootstrap)
         labels = [m.label for m in models]
-        write_results(out_dir, rows, labels, tasks)
+        write_results(out_dir, rows, labels, tasks, searches)
         tracker.log_table(
             "results",
             ["model", "task", "group", "metric", "value", "se", "n"],
@@ -371,7 +334,25 @@ def build_rows(models, tasks, records, tok_ids, bootstrap: int) -> list[dict[str
     return rows
 
 
-def write_results(out_dir: Path, rows: list[dict], labels: list[str], tasks: list[Task]) -> None:
+def search_csvs(recipe: Recipe, labels: list[str]) -> dict[str, Path]:
+    """``generations.csv`` of each searched merge (``evolve``) among the bench's models."""
+    found = {label: output_dir(recipe, label) for label in labels}
+    return {
+        label: out[0] / GENERATIONS_CSV
+        for label, out in found.items()
+        if out is not None and (out[0] / GENERATIONS_CSV).is_file()
+    }
+
+
+def write_results(
+    out_dir: Path,
+    rows: list[dict],
+    labels: list[str],
+    tasks: list[Task],
+    searches: dict[str, Path] | None = None,
+) -> None:
+    """results.{json,csv,md,png}; the chart also shows the fitness curves of ``searches``
+    (label -> its ``generations.csv``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         t.name: {
@@ -388,4 +369,10 @@ def write_results(out_dir: Path, rows: list[dict], labels: list[str], tasks: lis
     atomic_write_json(out_dir / "results.json", {"models": labels, "tasks": meta, "rows": rows})
     atomic_write_bytes(out_dir / "results.csv", to_csv(rows).encode())
     atomic_write_bytes(out_dir / "results.md", to_markdown(rows, labels, labels[0]).encode())
-    plot(rows, labels, out_dir / "results.png")
+    curves = {}
+    for label, path in (searches or {}).items():
+        try:
+            curves[label] = read_curves(path)
+        except ValueError as e:
+            log.warning("bench: the chart has no fitness panel for %s: %s", label, e)
+    plot(rows, labels, out_dir / "results.png", curves)

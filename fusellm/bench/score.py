@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from fusellm.models import (
     max_positions,
     model_vocab_size,
 )
+
+if TYPE_CHECKING:
+    from fusellm.bench.tasks import Task
 
 
 @dataclass
@@ -56,6 +60,12 @@ def prefix_id(tok) -> int:
             "tokenizer_config.json"
         )
     return int(pid)
+
+
+def pad_id(tok) -> int:
+    """The id batches are padded with (masked, so it never changes a score): the
+    tokenizer's pad token, else the prefix token."""
+    return tok.pad_token_id if tok.pad_token_id is not None else prefix_id(tok)
 
 
 def _ids(tok, text: str) -> list[int]:
@@ -87,6 +97,63 @@ def document_units(tok, text: str, max_length: int) -> list[Unit]:
     full = [prefix_id(tok), *_ids(tok, text)]
     w = max_length - 1
     return [Unit(full[s - 1 : s + w], len(full[s : s + w])) for s in range(1, len(full), w)]
+
+
+def task_units(
+    tok, task: Task, max_length: int, desc: str
+) -> tuple[list[Unit], list[tuple[int, int]]]:
+    """The units of every request of ``task`` and each unit's (item index, request index):
+    an LM document may span several units, a task request is one. Errors name ``desc``."""
+    units, owner = [], []
+    for i, it in enumerate(task.items):
+        for j, (ctx, cont) in enumerate(it.requests):
+            try:
+                us = (
+                    document_units(tok, cont, max_length)
+                    if task.kind == "lm"
+                    else [request_unit(tok, ctx, cont, max_length)]
+                )
+            except ValueError as e:
+                raise ValueError(f"{desc}: item {it.id} request {j}: {e}") from None
+            units += us
+            owner += [(i, j)] * len(us)
+    return units, owner
+
+
+def task_record(
+    task: Task,
+    owner: Sequence[tuple[int, int]],
+    lp: np.ndarray,
+    n: np.ndarray,
+    greedy: np.ndarray,
+) -> dict[str, Any]:
+    """Per-item scores of one model on ``task`` (the records of :mod:`fusellm.bench.stats`)
+    from its units' scores (:meth:`LogProbModel.score`, in :func:`task_units`' order)."""
+    keys = {}  # (item, request) -> [summed log-prob, scored tokens, greedy match]
+    for k, ij in enumerate(owner):
+        acc = keys.setdefault(ij, [0.0, 0, True])
+        acc[0] += lp[k]
+        acc[1] += int(n[k])
+        acc[2] = acc[2] and bool(greedy[k])
+    ids = [it.id for it in task.items]
+    if task.kind == "lm":
+        return {
+            "ids": ids,
+            "group": [it.group or it.id for it in task.items],
+            "domain": [it.domain for it in task.items],
+            "nll": [-keys.get((i, 0), [0.0])[0] for i in range(len(ids))],
+            "bytes": [len(it.requests[0][1].encode("utf-8")) for it in task.items],
+            "tokens": [keys.get((i, 0), [0.0, 0])[1] for i in range(len(ids))],
+        }
+    per = [[keys[(i, j)] for j in range(len(it.requests))] for i, it in enumerate(task.items)]
+    return {
+        "ids": ids,
+        "gold": [it.gold for it in task.items],
+        "ll": [[a[0] for a in p] for p in per],
+        "tokens": [[a[1] for a in p] for p in per],
+        "chars": [[len(c) for _, c in it.requests] for it in task.items],
+        "greedy": [bool(p[it.gold][2]) for p, it in zip(per, task.items, strict=True)],
+    }
 
 
 class LogProbModel:

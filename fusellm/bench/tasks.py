@@ -67,6 +67,22 @@ def _task_dir(name: str) -> Path:
     return d
 
 
+def task_config(name: str) -> dict:
+    """The ``task_config`` of an OLMES task's ``config.json`` (split, shots, metrics)."""
+    return json.loads((_task_dir(name) / "config.json").read_text())["task_config"]
+
+
+def variant_splits(name: str) -> dict[str, str | None]:
+    """``TASK:VARIANT`` -> the dataset split its items come from, for every variant of
+    ``name``'s task (``validation``, ``train``, ``test``; None where not recorded)."""
+    task = name.partition(":")[0]
+    return {
+        f"{task}:{d.name}": task_config(f"{task}:{d.name}").get("split")
+        for d in sorted(_task_dir(name).parent.iterdir())
+        if (d / "config.json").is_file() and (d / "requests.jsonl.gz").is_file()
+    }
+
+
 def check_task(name: str) -> None:
     if name != LM:
         _task_dir(name)
@@ -77,7 +93,7 @@ def load_task(name: str, limit: int | None, seed: int, index: DecontamIndex | No
     question and answer overlap the training corpus (``index``, see
     :meth:`fusellm.bench.decontam.DecontamIndex.contains`) when it is given."""
     d = _task_dir(name)
-    cfg = json.loads((d / "config.json").read_text())["task_config"]
+    cfg = task_config(name)
     # null where a task has no unconditional requests (boolq:rc_5shot)
     offset = (cfg.get("metric_kwargs") or {}).get("uncond_docid_offset") or 1_000_000
     docs: dict[int, dict] = {}

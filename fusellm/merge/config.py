@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+from fusellm.merge.fitness import Objectives
 
 Method = Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"]
 #: Methods that merge task vectors (model − base) and therefore need a base model.
@@ -81,13 +83,20 @@ MergeSection = dict[str, MergeSpec]
 
 
 class EvolveConfig(_Strict):
-    """CMA-ES over a merge's per-model weights (and densities), Akiba et al. 2024.
+    """An evolutionary merge search (Akiba et al. 2024) with CMA-ES.
 
-    Fitness is bits per byte on the corpus ``split`` (the dev split; never the test split),
-    lower is better. Each candidate is merged in memory and scored; nothing is written per
-    candidate. Every generation is logged and checkpointed; a killed search resumes.
+    ``space: ps`` (parameter space): per-model weights (and densities) of a mergekit merge
+    method. ``space: dfs`` (data-flow space, :mod:`fusellm.merge.dfs`): which layers of
+    which models form the inference path (``repeats`` passes over the sources' layers)
+    and the scales where it crosses models (``scales``); the sources must share their
+    architecture. Fitness (minimised): ``fitness`` weighs bits per byte on the corpus
+    ``split`` (``lm``; never the test split) and accuracies on OLMES tasks' validation
+    items (see :mod:`fusellm.merge.fitness`). Each candidate is built in memory and scored; nothing
+    is written per candidate. Every generation is logged and checkpointed; a killed search
+    resumes.
     """
 
+    space: Literal["ps", "dfs"] = "ps"
     method: Method = "ties"
     base: str | None = None
     models: list[str] = Field(min_length=1)
@@ -95,9 +104,24 @@ class EvolveConfig(_Strict):
     layer_groups: int = Field(1, ge=1)
     weight_bounds: list[float] = Field([0.0, 1.0], min_length=2, max_length=2)
     density_bounds: list[float] = Field([0.1, 1.0], min_length=2, max_length=2)
+    repeats: int = Field(2, ge=1, description="dfs: passes over the sources' layers (r)")
+    scales: Literal["pairs", "layers", "none"] = Field(
+        "pairs",
+        description="dfs: one scale per ordered pair of models, per layer, or none, applied "
+        "where the path enters a layer from another model's",
+    )
+    scale_bounds: list[float] = Field([0.5, 2.0], min_length=2, max_length=2)
+    embeddings_from: str | None = Field(
+        None, description="dfs: the model whose embeddings, final norm and head the path uses"
+    )
     sigma0: float = Field(0.2, gt=0.0)
     popsize: int | None = Field(None, ge=2, description="default: CMA-ES's 4 + 3 ln(dim)")
     generations: int = Field(10, ge=1)
+    fitness: Objectives = Field(
+        default_factory=lambda: {"lm": 1.0},
+        description="objective (lm or TASK:VARIANT) -> weight; minimised: Σ w·bpb − Σ w·accuracy",
+    )
+    task_items: int = Field(64, ge=1, description="items per task objective (a seeded subsample)")
     split: Literal["valid", "train"] = "valid"
     max_docs: int | None = Field(64, ge=1, description="dev documents scored per candidate")
     max_length: int = Field(1024, ge=8)
@@ -106,6 +130,37 @@ class EvolveConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> EvolveConfig:
-        if self.method in NEEDS_BASE and self.base is None:
+        if self.space == "ps" and self.method in NEEDS_BASE and self.base is None:
             raise ValueError(f"method '{self.method}' merges task vectors: it needs a base model")
+        if self.space == "dfs":
+            if len(set(self.models)) != len(self.models):
+                raise ValueError(f"models: a model appears twice in {self.models}")
+            if self.embeddings_from is not None and self.embeddings_from not in self.models:
+                raise ValueError(
+                    f"embeddings_from: '{self.embeddings_from}' is not one of models {self.models}"
+                )
         return self
+
+    @property
+    def embeddings(self) -> str:
+        """dfs: the source of the embeddings, final norm and head (default: the first)."""
+        return self.embeddings_from or self.models[0]
+
+
+def EvolveSection(section: Any) -> EvolveConfig | dict[str, EvolveConfig]:  # noqa: N802
+    """The ``evolve:`` section: one search (``run_dir/evolve``, referred to as ``evolve``),
+    or a mapping of named searches run in order (``run_dir/evolve/NAME``, referred to as
+    ``evolve:NAME``; a later search may use an earlier one's result as a model, e.g. a
+    data-flow search over a parameter-space merge: PS+DFS)."""
+    fields = set(EvolveConfig.model_fields)
+    if isinstance(section, dict) and section and not (set(section) & fields):
+        return TypeAdapter(dict[str, EvolveConfig]).validate_python(section, strict=True)
+    return EvolveConfig.model_validate(section, strict=True)
+
+
+def evolve_searches(section) -> list[tuple[str | None, EvolveConfig]]:
+    """The ``evolve:`` section's searches in order: ``[(None, cfg)]`` for one search,
+    ``[(name, cfg), ...]`` for named ones."""
+    if section is None:
+        return []
+    return [(None, section)] if isinstance(section, EvolveConfig) else list(section.items())

@@ -1,26 +1,22 @@
-"""``fusellm merge`` and ``fusellm evolve``: weight-merge baselines for fused models.
+"""``fusellm merge``: weight-merge baselines for fused models.
 
-``merge``: each named merge in the ``merge:`` section → ``run_dir/merge/NAME/model`` (an HF
-directory) plus ``mergekit.yaml``. ``evolve``: CMA-ES over a merge's weights/densities with
-dev-split bits per byte as fitness → ``run_dir/evolve/model``, ``mergekit.yaml``,
-``generations.csv``. Both hold the input models in memory (fine up to a few B parameters on
-one machine); for 7B-scale merges run the written ``mergekit.yaml`` with ``mergekit-yaml``,
-which streams tensors lazily.
+Each named merge in the ``merge:`` section → ``run_dir/merge/NAME/model`` (an HF directory)
+plus ``mergekit.yaml``. The input models are held in memory (fine up to a few B parameters
+on one machine); for 7B-scale merges run the written ``mergekit.yaml`` with
+``mergekit-yaml``, which streams tensors lazily. ``fusellm evolve`` (evolutionary merge
+searches) is :mod:`fusellm.merge.evolve`; it shares the loading helpers here.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import math
 from typing import Any
 
-import numpy as np
 import torch
 
 from fusellm.manifest import StageDir
-from fusellm.merge.config import HAS_DENSITY, NEEDS_BASE, EvolveConfig, MergeSpec
+from fusellm.merge.config import HAS_DENSITY, NEEDS_BASE, MergeSpec
 from fusellm.merge.core import check_compatible, merge, mergekit_yaml
 from fusellm.models import (
     converted_dir,
@@ -31,8 +27,8 @@ from fusellm.models import (
 )
 from fusellm.recipe import ModelSpec, Recipe
 from fusellm.refs import resolve
-from fusellm.stages import CORPUS, EVOLVE, MERGE
-from fusellm.storage import atomic_dir, atomic_write_bytes, atomic_write_json
+from fusellm.stages import MERGE
+from fusellm.storage import atomic_dir, atomic_write_bytes
 from fusellm.tracking import start_run
 
 log = logging.getLogger(__name__)
@@ -68,7 +64,7 @@ class Inputs:
             self.tokenizer.save_pretrained(tmp)
 
 
-def _resolve_inputs(
+def resolve_inputs(
     recipe: Recipe, refs: list[str], where: str
 ) -> tuple[dict[str, tuple[str, ModelSpec]], dict[str, str]]:
     """Each ref as exactly one (name, spec), and its identity: cheap (nothing is loaded),
@@ -97,7 +93,7 @@ def _num_layers(model) -> int:
     return int(n)
 
 
-def _location(spec: ModelSpec, name: str) -> str:
+def mergekit_location(spec: ModelSpec, name: str) -> str:
     """Where mergekit can read a model: its HF directory (for a GGUF file, the directory
     fusellm converts it into when loading it), or a hub id at its pinned commit."""
     loc = locate(spec, name)
@@ -110,7 +106,7 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _files(sd: StageDir) -> dict[str, dict]:
+def output_files(sd: StageDir) -> dict[str, dict]:
     return {
         str(p.relative_to(sd.path)): sd.file_record(str(p.relative_to(sd.path)))
         for p in sorted(sd.path.rglob("*"))
@@ -130,7 +126,7 @@ def merge_one(recipe: Recipe, name: str, spec: MergeSpec, force: bool) -> dict |
     where = f"merge.{name}"
     base = spec.base if spec.method in NEEDS_BASE else None
     refs = ([base] if base else []) + [m.model for m in spec.models]
-    found, ids = _resolve_inputs(recipe, refs, f"{where}.models")
+    found, ids = resolve_inputs(recipe, refs, f"{where}.models")
     fp = {"spec": spec.model_dump(mode="json", by_alias=True), "inputs": ids}
     sd = StageDir(f"merge '{name}'", recipe.stage_dir(MERGE) / name, fp)
     if not sd.prepare(force):
@@ -150,8 +146,8 @@ def merge_one(recipe: Recipe, name: str, spec: MergeSpec, force: bool) -> dict |
     yaml_text = mergekit_yaml(
         spec.method,
         params,
-        _location(*reversed(found[base])) if base else None,
-        {r: _location(s, n) for r, (n, s) in found.items()},
+        mergekit_location(*reversed(found[base])) if base else None,
+        {r: mergekit_location(s, n) for r, (n, s) in found.items()},
         extra,
         spec.dtype,
     )
@@ -181,212 +177,4 @@ def merge_one(recipe: Recipe, name: str, spec: MergeSpec, force: bool) -> dict |
         [m.model for m in spec.models],
         sd.path / "model",
     )
-    return sd.finish(_files(sd), stats, fp["spec"])
-
-
-# ---------------------------------------------------------------------------- evolve
-
-
-def _dev_units(recipe: Recipe, cfg: EvolveConfig, tok):
-    from fusellm.bench.score import document_units
-    from fusellm.bench.tasks import load_lm
-
-    task = load_lm(recipe.stage_dir(CORPUS), cfg.split, cfg.max_docs, cfg.seed)
-    units = [u for it in task.items for u in document_units(tok, it.requests[0][1], cfg.max_length)]
-    nbytes = sum(len(it.requests[0][1].encode("utf-8")) for it in task.items)
-    if not nbytes:
-        raise ValueError(f"evolve: the '{cfg.split}' split has no text to score candidates on")
-    return units, nbytes, len(task.items)
-
-
-def bits_per_byte(model, tok, units, nbytes: int, batch_tokens: int) -> float:
-    """Σ NLL / (ln 2 · Σ bytes) of ``units`` (see :mod:`fusellm.bench.score`)."""
-    from fusellm.bench.score import LogProbModel, batches, prefix_id
-
-    lpm = LogProbModel([model])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else prefix_id(tok)
-    total = 0.0
-    for b in batches(units, batch_tokens):
-        lp, _, _ = lpm.score([units[i] for i in b], pad)
-        total += float(lp.sum())
-    return -total / math.log(2) / max(nbytes, 1)
-
-
-class Genome:
-    """x ↔ merge parameters: per model, ``layer_groups`` weights then (optionally) as many
-    densities."""
-
-    def __init__(self, cfg: EvolveConfig):
-        self.cfg = cfg
-        self.dens = cfg.search_density and cfg.method in HAS_DENSITY
-        self.per = cfg.layer_groups * (2 if self.dens else 1)
-
-    @property
-    def dim(self) -> int:
-        return self.per * len(self.cfg.models)
-
-    def x0_bounds(self) -> tuple[list[float], tuple[list[float], list[float]]]:
-        g, (wl, wh), (dl, dh) = (
-            self.cfg.layer_groups,
-            self.cfg.weight_bounds,
-            self.cfg.density_bounds,
-        )
-        x0 = ([0.5 * (wl + wh)] * g + ([0.5 * (dl + dh)] * g if self.dens else [])) * len(
-            self.cfg.models
-        )
-        lo = ([wl] * g + ([dl] * g if self.dens else [])) * len(self.cfg.models)
-        hi = ([wh] * g + ([dh] * g if self.dens else [])) * len(self.cfg.models)
-        return x0, (lo, hi)
-
-    def decode(self, x) -> tuple[dict, dict | None]:
-        g = self.cfg.layer_groups
-        w, d = {}, {} if self.dens else None
-        for i, m in enumerate(self.cfg.models):
-            chunk = [float(v) for v in x[i * self.per : (i + 1) * self.per]]
-            w[m] = chunk[:g] if g > 1 else chunk[0]
-            if self.dens:
-                d[m] = chunk[g:] if g > 1 else chunk[g]
-        return w, d
-
-
-def run_evolve(recipe: Recipe, force: bool = False) -> dict | None:
-    from fusellm.merge.search import search
-
-    cfg: EvolveConfig | None = recipe.evolve
-    if cfg is None:
-        raise ValueError("the recipe has no 'evolve:' section")
-    base = cfg.base if cfg.method in NEEDS_BASE else None
-    refs = ([base] if base else []) + list(cfg.models)
-    found, ids = _resolve_inputs(recipe, refs, "evolve.models")
-    fp = {"config": cfg.model_dump(mode="json"), "inputs": ids}
-    # generations may grow without invalidating finished ones: a longer search continues
-    fp["config"].pop("generations")
-    sd = StageDir("evolve", recipe.stage_dir(EVOLVE), fp)
-    state_path = sd.path / SEARCH_STATE
-    if not sd.prepare(force):
-        from fusellm.storage import read_json
-
-        if read_json(sd.path / "manifest.json")["stats"]["generations"] >= cfg.generations:
-            log.info("evolve: complete and unchanged (skipped)")
-            return None
-    (sd.path / "manifest.json").unlink(missing_ok=True)
-    from fusellm.bench.score import best_device
-
-    inp = Inputs(found, device=best_device())
-    genome = Genome(cfg)
-    units, nbytes, ndocs = _dev_units(recipe, cfg, inp.tokenizer)
-    work = inp.work
-    dtype = torch.float32
-
-    def merged_at(x) -> dict[str, torch.Tensor]:
-        w, d = genome.decode(x)
-        return merge(
-            inp.states,
-            cfg.method,
-            w,
-            d,
-            base,
-            layer_groups=cfg.layer_groups,
-            num_layers=inp.num_layers,
-            seed=cfg.seed,
-            dtype=dtype,
-        )
-
-    def fitness(x: np.ndarray) -> float:
-        work.load_state_dict(merged_at(x))
-        return bits_per_byte(work, inp.tokenizer, units, nbytes, cfg.batch_tokens)
-
-    x0, bounds = genome.x0_bounds()
-    csv_path = sd.path / "generations.csv"
-    with start_run(recipe, "evolve", fp) as tracker:
-
-        def on_generation(history: list[dict]) -> None:
-            rec = history[-1]
-            atomic_write_bytes(csv_path, _csv(history, genome).encode())
-            keys = ("evaluations", "gen_best", "gen_mean", "best", "sigma")
-            tracker.log({k: rec[k] for k in keys}, step=rec["generation"])
-            log.info(
-                "evolve: generation %d/%d, %d evaluations, best dev bpb %.5f (σ %.3f)",
-                rec["generation"],
-                cfg.generations,
-                rec["evaluations"],
-                rec["best"],
-                rec["sigma"],
-            )
-
-        reference = base or refs[0]
-        work.load_state_dict(inp.states[reference])
-        ref_bpb = bits_per_byte(work, inp.tokenizer, units, nbytes, cfg.batch_tokens)
-        st = search(
-            fitness,
-            x0,
-            bounds,
-            cfg.sigma0,
-            cfg.generations,
-            cfg.seed,
-            cfg.popsize,
-            state_path,
-            on_generation,
-        )
-        # Also after a resume that only replayed finished generations (the last CSV write
-        # may be what a kill interrupted).
-        atomic_write_bytes(csv_path, _csv(st.history, genome).encode())
-        w, d = genome.decode(st.best_x)
-        inp.save(merged_at(st.best_x), sd.path / "model", torch.float32)
-        params = {m: {"weight": w[m], **({"density": d[m]} if d else {})} for m in cfg.models}
-        yaml_text = mergekit_yaml(
-            cfg.method,
-            params,
-            _location(*reversed(found[base])) if base else None,
-            {r: _location(s, n) for r, (n, s) in found.items()},
-            {},
-            "float32",
-        )
-        atomic_write_bytes(sd.path / "mergekit.yaml", yaml_text.encode())
-        best = {"weight": w, "density": d, "dev_bpb": st.best_f, "x": st.best_x}
-        atomic_write_json(sd.path / "best.json", best)
-        stats = {
-            "generations": st.generation,
-            "evaluations": st.evaluations,
-            "best_dev_bpb": st.best_f,
-            "reference": reference,
-            "reference_dev_bpb": ref_bpb,
-            "dev_docs": ndocs,
-            "dim": genome.dim,
-        }
-        tracker.summary(stats)
-    return sd.finish(_files(sd), stats, fp["config"])
-
-
-def _csv(history: list[dict], genome: Genome) -> str:
-    """generations.csv: one row per generation, the best parameters so far as JSON."""
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(
-        [
-            "generation",
-            "evaluations",
-            "gen_best_bpb",
-            "gen_mean_bpb",
-            "best_bpb",
-            "sigma",
-            "best_params",
-        ]
-    )
-    for r in history:
-        weight, density = genome.decode(r["best_x"])
-        w.writerow(
-            [
-                r["generation"],
-                r["evaluations"],
-                r["gen_best"],
-                r["gen_mean"],
-                r["best"],
-                r["sigma"],
-                json.dumps({"weight": weight, "density": density}),
-            ]
-        )
-    return buf.getvalue()
+    return sd.finish(output_files(sd), stats, fp["spec"])

@@ -71,6 +71,7 @@ def _record(st: SearchState, xs: list[np.ndarray], fs: list[float], pad: bool) -
             "evaluations": st.evaluations,
             "gen_best": fs[i],
             "gen_mean": float(np.mean(fs)),
+            "gen_median": float(np.median(fs)),
             "best": st.best_f,
             "sigma": float(st.es.sigma),
             "best_x": st.best_x,
@@ -111,9 +112,10 @@ def search(
     """Minimise ``fitness`` over the box ``bounds`` for ``generations`` generations.
 
     ``on_generation`` receives ``history`` after each generation; its last record is the
-    new one: generation, evaluations, best/mean fitness, σ, the best x so far. With
-    ``state_path`` every generation is checkpointed there (JSON) and a search whose file
-    exists resumes from it; a file written with other settings is refused.
+    new one: generation, evaluations, the generation's best/mean/median fitness, the best
+    so far, σ, the best x so far. With ``state_path`` every generation is checkpointed
+    there (JSON) and a search whose file exists resumes from it; a file written with other
+    settings is refused.
     """
     try:
         import cma

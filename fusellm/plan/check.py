@@ -54,6 +54,9 @@ def written(run_dir: Path) -> dict[str, int]:
             out[f"{MERGE}/{d.name}"] = _files_bytes(man, "model/")
     if man := complete_manifest(run_dir / EVOLVE):
         out[f"{EVOLVE}/model"] = _files_bytes(man, "model/")
+    for d in sorted((run_dir / EVOLVE).glob("*")):  # named searches
+        if man := complete_manifest(d):
+            out[f"{EVOLVE}/{d.name}/model"] = _files_bytes(man, "model/")
     return out
 
 

@@ -8,6 +8,7 @@ import json
 import math
 
 from fusellm.corpus.core import SPLITS
+from fusellm.merge.config import evolve_searches
 from fusellm.plan import core
 from fusellm.plan.context import Context
 from fusellm.plan.core import DTYPE_BYTES, Row
@@ -43,7 +44,15 @@ def disk_rows(ctx: Context) -> tuple[list[Row], dict[str, float]]:
                 )
             )
     if ctx.wanted(EVOLVE):
-        rows.append(_model_dir(ctx, EVOLVE, "model", 4, "the best merge in float32"))
+        for name, cfg in evolve_searches(r.evolve):
+            item = f"{name}/model" if name else "model"
+            what = (
+                "the best merge in float32"
+                if cfg.space == "ps"
+                else "the best layer path in float32, as long as the model it starts from "
+                f"(at most {cfg.repeats} × all the sources' layers)"
+            )
+            rows.append(_model_dir(ctx, EVOLVE, item, 4, what))
     known = sum(x.value for x in rows if x.value is not None)
     return rows, {
         "disk_after_run": known,
