@@ -30,7 +30,7 @@ def _pair():
 
 def _fitness(states):
     def f(x):  # how far the linear merge is from source b (optimum: all weight on b)
-        out = merge(states, "linear", {"a": float(x[0]), "b": float(x[1])})
+        out = merge(states, "linear", {"a": {"weight": float(x[0])}, "b": {"weight": float(x[1])}})
         return float(sum(((out[k] - states["b"][k]) ** 2).mean() for k in out))
 
     return f

@@ -21,16 +21,24 @@ def _states(n=3, seed=0):
     return {f"m{i}": {k: torch.randn(s, generator=g) for k, s in shapes.items()} for i in range(n)}
 
 
+def _w(densities=None, **weights):
+    """Per-model parameters: {model: {"weight": w[, "density": d]}}."""
+    return {
+        m: {"weight": w, **({"density": densities[m]} if densities else {})}
+        for m, w in weights.items()
+    }
+
+
 def test_linear_is_the_normalised_weighted_mean():
     s = _states(2)
-    out = merge(s, "linear", {"m0": 0.3, "m1": 0.9})
+    out = merge(s, "linear", _w(m0=0.3, m1=0.9))
     for k in s["m0"]:
         torch.testing.assert_close(out[k], (0.3 * s["m0"][k] + 0.9 * s["m1"][k]) / 1.2)
 
 
 def test_task_arithmetic_adds_weighted_task_vectors():
     s = _states(3)
-    out = merge(s, "task_arithmetic", {"m1": 0.5, "m2": -0.25}, base="m0", lam=0.8)
+    out = merge(s, "task_arithmetic", _w(m1=0.5, m2=-0.25), base="m0", shared={"lambda": 0.8})
     for k in s["m0"]:
         d1, d2 = s["m1"][k] - s["m0"][k], s["m2"][k] - s["m0"][k]
         torch.testing.assert_close(out[k], s["m0"][k] + 0.8 * (0.5 * d1 - 0.25 * d2))
@@ -54,7 +62,7 @@ def _ties_direct(base, models, w, density):
 
 def test_ties_trims_elects_signs_and_averages_agreeing_entries():
     s = _states(3, seed=3)
-    out = merge(s, "ties", {"m1": 0.6, "m2": 0.4}, {"m1": 0.5, "m2": 0.5}, base="m0")
+    out = merge(s, "ties", _w({"m1": 0.5, "m2": 0.5}, m1=0.6, m2=0.4), base="m0")
     for k in s["m0"]:
         exp = _ties_direct(s["m0"][k], [s["m1"][k], s["m2"][k]], [0.6, 0.4], 0.5)
         torch.testing.assert_close(out[k], exp, atol=1e-6, rtol=1e-5)
@@ -66,7 +74,7 @@ def test_dare_drops_at_random_and_rescales_the_rest(method):
     big = {k: v.repeat(20, *[1] * (v.dim() - 1)) for k, v in s["m0"].items()}
     big1 = {k: v.repeat(20, *[1] * (v.dim() - 1)) for k, v in s["m1"].items()}
     st = {"m0": big, "m1": big1}
-    out = merge(st, method, {"m1": 1.0}, {"m1": 0.3}, base="m0", seed=7)
+    out = merge(st, method, _w({"m1": 0.3}, m1=1.0), base="m0", seed=7)
     kept = total = 0
     for k in big:
         d = big1[k] - big[k]
@@ -79,7 +87,7 @@ def test_dare_drops_at_random_and_rescales_the_rest(method):
         assert abs(float(scale) - 1 / 0.3) < 1.0
         kept, total = kept + int(mask.sum()), total + d.numel()
     assert abs(kept / total - 0.3) < 0.05
-    again = merge(st, method, {"m1": 1.0}, {"m1": 0.3}, base="m0", seed=7)
+    again = merge(st, method, _w({"m1": 0.3}, m1=1.0), base="m0", seed=7)
     assert all(torch.equal(out[k], again[k]) for k in out)  # seeded: reproducible
 
 
@@ -91,17 +99,17 @@ def test_merging_a_model_with_itself_returns_it(method):
     a = s["m0"]
     states = {"a": a, "b": {k: v.clone() for k, v in a.items()}}
     if method == "linear":
-        out = merge(states, method, {"a": 0.5, "b": 0.5})
+        out = merge(states, method, _w(a=0.5, b=0.5))
     else:
         dens = {"b": 0.5} if method != "task_arithmetic" else None
-        out = merge(states, method, {"b": 1.0}, dens, base="a")
+        out = merge(states, method, _w(dens, b=1.0), base="a")
     for k in a:
         torch.testing.assert_close(out[k], a[k])
 
 
 def test_layer_groups_get_their_own_weights():
     s = _states(2)
-    out = merge(s, "linear", {"m0": [1.0, 0.0], "m1": [0.0, 1.0]}, layer_groups=2, num_layers=2)
+    out = merge(s, "linear", _w(m0=[1.0, 0.0], m1=[0.0, 1.0]), layer_groups=2, num_layers=2)
     torch.testing.assert_close(out["model.layers.0.w"], s["m0"]["model.layers.0.w"])
     torch.testing.assert_close(out["model.layers.1.w"], s["m1"]["model.layers.1.w"])
     torch.testing.assert_close(
@@ -128,7 +136,7 @@ def test_tied_weights_are_merged_once_with_the_embeddings_group():
     s = _states(2)
     for sd in s.values():  # lm_head tied to the embeddings: one tensor under two keys
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    out = merge(s, "linear", {"m0": [1.0, 0.0], "m1": [0.0, 1.0]}, layer_groups=2, num_layers=2)
+    out = merge(s, "linear", _w(m0=[1.0, 0.0], m1=[0.0, 1.0]), layer_groups=2, num_layers=2)
     torch.testing.assert_close(out["lm_head.weight"], s["m0"]["model.embed_tokens.weight"])
     assert out["lm_head.weight"] is out["model.embed_tokens.weight"]
 
@@ -138,8 +146,10 @@ def test_merge_configs_that_mergekit_would_reject_late_fail_at_load():
 
     from fusellm.merge.config import MergeSpec
 
-    with pytest.raises(ValidationError, match="no lambda"):
-        MergeSpec.model_validate({"method": "linear", "lambda": 0.5, "models": [{"model": "a"}]})
+    with pytest.raises(ValidationError, match="parameters.lambda: method 'linear' has no"):
+        MergeSpec.model_validate(
+            {"method": "linear", "parameters": {"lambda": 0.5}, "models": [{"model": "a"}]}
+        )
     with pytest.raises(ValidationError, match="sum to 0"):
         MergeSpec.model_validate(
             {

@@ -6,75 +6,78 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
+from fusellm.merge import methods
 from fusellm.merge.fitness import Objectives
 
-Method = Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"]
-#: Methods that merge task vectors (model − base) and therefore need a base model.
-NEEDS_BASE = {"task_arithmetic", "ties", "dare_ties", "dare_linear"}
-#: Methods with a density (fraction of each task vector kept).
-HAS_DENSITY = {"ties", "dare_ties", "dare_linear"}
+Value = float | int | bool | str | list[float] | None
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class MergeInput(_Strict):
-    """One merged model. A list gives one value per layer group (see ``layer_groups``)."""
+class MergeInput(BaseModel):
+    """One merged model and its per-model parameters (``weight``, ``density``, ``gamma``,
+    ``epsilon``, ... as the method declares them; a list gives one value per layer group,
+    see ``layer_groups``). ``weight`` defaults to 1 for methods that need one."""
 
-    model: str = Field(description="a name in models:, or target / fused / clm_only")
-    weight: float | list[float] = 1.0
-    density: float | list[float] = 1.0
+    model_config = ConfigDict(extra="allow", strict=True)
+    model: str = Field(description="a name in models:, or target / fused / clm_only / merge:NAME")
+
+    @property
+    def params(self) -> dict[str, Value]:
+        return dict(self.model_extra or {})
 
 
 class MergeSpec(_Strict):
-    """One merge: ``method`` over ``models`` relative to ``base``, via mergekit.
+    """One merge: any method of mergekit's registry (:mod:`fusellm.merge.methods`) over
+    ``models``, relative to ``base`` where the method takes one, via mergekit's in-memory
+    API. Parameters are checked against the method's own declaration at load.
 
-    Formulas (δ_i = θ_i − θ_base): linear θ = Σ w_i θ_i / Σ w_i; task_arithmetic
-    θ = θ_base + λ Σ w_i δ_i; ties keeps the top-``density`` |δ_i| entries, elects a sign
-    per entry and averages the agreeing ones; dare_* drop entries at random with
-    probability 1 − density and rescale the rest so that each task vector keeps its L1
-    norm (mergekit's rescale; 1/density in expectation).
+    Formulas of the common ones (δ_i = θ_i − θ_base): linear θ = Σ w_i θ_i / Σ w_i;
+    task_arithmetic θ = θ_base + λ Σ w_i δ_i; ties keeps the top-``density`` |δ_i| entries,
+    elects a sign per entry and averages the agreeing ones; dare_* drop entries at random
+    with probability 1 − density and rescale the rest; slerp interpolates two models on
+    the sphere at ``t``; sce (FuseChat 2.0) selects the entries of highest variance across
+    the task vectors, weights them by their squared magnitude and keeps the elected sign.
     """
 
-    method: Method
-    base: str | None = Field(None, description="base model (required by task-vector methods)")
+    method: str
+    base: str | None = Field(None, description="base model (methods with a base)")
     models: list[MergeInput] = Field(min_length=1)
-    normalize: bool | None = Field(None, description="divide by Σ weights (method default)")
-    lambda_: float | None = Field(None, alias="lambda", description="scale of the merged delta")
+    parameters: dict[str, Value] = Field(
+        default_factory=dict, description="merge-wide parameters (normalize, lambda, t, ...)"
+    )
     layer_groups: int = Field(1, ge=1, description="contiguous layer groups for list values")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    seed: int = Field(0, description="seeds DARE's random drops")
+    seed: int = Field(0, description="seeds random drops (dare_*, della*)")
+
+    def inputs(self) -> list[tuple[str, dict[str, Value]]]:
+        """(model, per-model parameters) in order, with ``weight`` 1 where the method has a
+        per-model weight and none is given."""
+        m = methods.get(self.method)
+        default = {"weight": 1.0} if "weight" in m.per_model else {}
+        return [(i.model, {**default, **i.params}) for i in self.models]
 
     @model_validator(mode="after")
     def _check(self) -> MergeSpec:
-        if self.method in NEEDS_BASE and self.base is None:
-            raise ValueError(f"method '{self.method}' merges task vectors: it needs a base model")
-        for i, m in enumerate(self.models):
-            for key in ("weight", "density"):
-                v = getattr(m, key)
-                if isinstance(v, list) and len(v) != self.layer_groups:
+        inputs = self.inputs()
+        m = methods.check(self.method, self.base, inputs, self.parameters, self.layer_groups)
+        for i, (_, p) in enumerate(inputs):
+            d = p.get("density", 1.0)
+            if any(not 0.0 < x <= 1.0 for x in (d if isinstance(d, list) else [d])):
+                raise ValueError(f"models.{i}.density: must be in (0, 1], got {d}")
+        spec = m.shared.get("normalize")
+        normalize = self.parameters.get("normalize", spec.default if spec else None)
+        if self.method == "linear" and normalize is not False:
+            weights = [p["weight"] for _, p in inputs]
+            for g in range(self.layer_groups):
+                total = sum(w[g] if isinstance(w, list) else w for w in weights)
+                if abs(total) < 1e-12:
                     raise ValueError(
-                        f"models.{i}.{key}: {len(v)} values for layer_groups={self.layer_groups}"
+                        f"models.*.weight: the weights of layer group {g} sum to 0, which "
+                        "a normalised linear merge divides by"
                     )
-            dens = m.density if isinstance(m.density, list) else [m.density]
-            if any(not 0.0 < d <= 1.0 for d in dens):
-                raise ValueError(f"models.{i}.density: must be in (0, 1], got {m.density}")
-            if m.density != 1.0 and self.method not in HAS_DENSITY:
-                raise ValueError(f"models.{i}.density: method '{self.method}' has no density")
-        if self.method == "linear":
-            if self.lambda_ is not None:
-                raise ValueError("lambda: method 'linear' has no lambda (task-vector methods do)")
-            if self.normalize is not False:
-                for g in range(self.layer_groups):
-                    total = sum(
-                        m.weight[g] if isinstance(m.weight, list) else m.weight for m in self.models
-                    )
-                    if abs(total) < 1e-12:
-                        raise ValueError(
-                            f"models.*.weight: the weights of layer group {g} sum to 0, which "
-                            "a normalised linear merge divides by"
-                        )
         return self
 
 
@@ -97,7 +100,7 @@ class EvolveConfig(_Strict):
     """
 
     space: Literal["ps", "dfs"] = "ps"
-    method: Method = "ties"
+    method: str = Field("ties", description="ps: a mergekit method with per-model weights")
     base: str | None = None
     models: list[str] = Field(min_length=1)
     search_density: bool = Field(True, description="also search densities (methods that have one)")
@@ -130,8 +133,14 @@ class EvolveConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> EvolveConfig:
-        if self.space == "ps" and self.method in NEEDS_BASE and self.base is None:
-            raise ValueError(f"method '{self.method}' merges task vectors: it needs a base model")
+        if self.space == "ps":
+            if "weight" not in methods.get(self.method).per_model:
+                ok = sorted(n for n, x in methods.registry().items() if "weight" in x.per_model)
+                raise ValueError(
+                    f"method: '{self.method}' has no per-model weight to search; "
+                    f"methods that have one: {ok}"
+                )
+            methods.check(self.method, self.base, [(n, {"weight": 1.0}) for n in self.models], {})
         if self.space == "dfs":
             if len(set(self.models)) != len(self.models):
                 raise ValueError(f"models: a model appears twice in {self.models}")

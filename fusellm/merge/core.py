@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from fusellm.merge import methods
+
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
@@ -67,26 +69,26 @@ def check_compatible(
             )
 
 
-def _at(v: float | list[float], g: int) -> float:
-    return float(v[g]) if isinstance(v, list) else float(v)
+def _at(v, g: int):
+    return v[g] if isinstance(v, list) else v
 
 
 def merge(
     states: Mapping[str, Mapping[str, torch.Tensor]],
     method: str,
-    weights: Mapping[str, float | list[float]],
-    densities: Mapping[str, float | list[float]] | None = None,
+    per_model: Mapping[str, Mapping[str, Any]] | None = None,
     base: str | None = None,
-    normalize: bool | None = None,
-    lam: float | None = None,
+    shared: Mapping[str, Any] | None = None,
     layer_groups: int = 1,
     num_layers: int = 1,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
-    """Merge ``states`` (name → state dict, the base among them when given) with mergekit.
+    """Merge ``states`` (name → state dict, the base among them when given) with mergekit's
+    ``method``.
 
-    ``weights``/``densities``: per non-base model, a scalar or one value per layer group.
+    ``per_model``: non-base model → its parameters (``weight``, ``density``, ...), each a
+    scalar or one value per layer group; ``shared``: merge-wide parameters, likewise.
     Returns a new state dict in ``dtype`` (float tensors), in the first state's key order.
     """
     try:
@@ -94,7 +96,7 @@ def merge(
     except ImportError as e:
         raise ValueError(f"merging needs mergekit: pip install -e '.[merge]' ({e})") from None
 
-    densities = densities or {}
+    per_model, shared = per_model or {}, shared or {}
     first = next(iter(states.values()))
     names = list(first)
     # Tied weights (embed_tokens / lm_head) are one tensor under two keys: merge it once,
@@ -115,18 +117,19 @@ def merge(
     out: dict[str, torch.Tensor] = {}
     gen = torch.Generator().manual_seed(seed)
     for g, keys in sorted(by_group.items()):
-        params: dict[str, Any] = {
-            "weight": {m: _at(w, g) for m, w in weights.items()},
-        }
-        if densities:
-            params["density"] = {m: _at(d, g) for m, d in densities.items()}
-        if normalize is not None:
-            params["normalize"] = normalize
-        if lam is not None:
-            params["lambda"] = lam
+        # mergekit's form: a per-model parameter is a mapping model → value
+        params: dict[str, Any] = {k: _at(v, g) for k, v in shared.items()}
+        for m, p in per_model.items():
+            for k, v in p.items():
+                params.setdefault(k, {})[m] = _at(v, g)
+        for k, given in params.items():  # mergekit wants a value for every model, or none
+            if isinstance(given, dict) and len(given) < len(per_model):
+                default = methods.get(method).per_model[k].default
+                params[k] = {m: given.get(m, default) for m in per_model}
         sub = {m: {k: sd[k] for k in keys} for m, sd in states.items()}
-        # DARE draws its masks from torch's global generator: seed it per group so that a
-        # merge is a function of its config (CMA-ES compares candidates, resumes reproduce).
+        # Random drops (DARE, DELLA) come from torch's global generator: seed it per group
+        # so that a merge is a function of its config (CMA-ES compares candidates, resumes
+        # reproduce).
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
         with torch.no_grad():
             res = merge_state_dicts(sub, method, parameters=params, base=base, dtype=torch.float32)

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from fusellm.manifest import StageDir
-from fusellm.merge.config import HAS_DENSITY, NEEDS_BASE, EvolveConfig, evolve_searches
+from fusellm.merge import methods
+from fusellm.merge.config import EvolveConfig, evolve_searches
 from fusellm.merge.core import merge, mergekit_yaml
 from fusellm.merge.fitness import (
     FITNESS_PNG,
@@ -77,10 +78,10 @@ class PsSpace:
     def __init__(self, cfg: EvolveConfig, found: dict, device: str):
         self.cfg = cfg
         self.found = found
-        self.base = cfg.base if cfg.method in NEEDS_BASE else None
+        self.base = cfg.base
         self.inp = Inputs(found, device=device)
         self.tokenizer = self.inp.tokenizer
-        self.dens = cfg.search_density and cfg.method in HAS_DENSITY
+        self.dens = cfg.search_density and "density" in methods.get(cfg.method).per_model
         self.per = cfg.layer_groups * (2 if self.dens else 1)
         self.dim = self.per * len(cfg.models)
         self.reference = self.base or cfg.models[0]
@@ -98,24 +99,22 @@ class PsSpace:
         hi = ([wh] * g + ([dh] * g if self.dens else [])) * n
         return x0, (lo, hi)
 
-    def describe(self, x) -> dict:
-        """x as merge parameters: {"weight": {model: w}, "density": {model: d} or None}."""
+    def describe(self, x) -> dict[str, dict]:
+        """x as per-model merge parameters: {"models": {model: {"weight": w, "density": d}}}."""
         g = self.cfg.layer_groups
-        w, d = {}, {} if self.dens else None
+        out = {}
         for i, m in enumerate(self.cfg.models):
             chunk = [float(v) for v in x[i * self.per : (i + 1) * self.per]]
-            w[m] = chunk[:g] if g > 1 else chunk[0]
+            out[m] = {"weight": chunk[:g] if g > 1 else chunk[0]}
             if self.dens:
-                d[m] = chunk[g:] if g > 1 else chunk[g]
-        return {"weight": w, "density": d}
+                out[m]["density"] = chunk[g:] if g > 1 else chunk[g]
+        return {"models": out}
 
     def _merged(self, x) -> dict[str, torch.Tensor]:
-        p = self.describe(x)
         return merge(
             self.inp.states,
             self.cfg.method,
-            p["weight"],
-            p["density"],
+            self.describe(x)["models"],
             self.base,
             layer_groups=self.cfg.layer_groups,
             num_layers=self.inp.num_layers,
@@ -133,15 +132,10 @@ class PsSpace:
 
     def save(self, x, sd_path: Path) -> None:
         self.inp.save(self._merged(x), sd_path / "model", torch.float32)
-        p = self.describe(x)
-        params = {
-            m: {"weight": p["weight"][m], **({"density": p["density"][m]} if self.dens else {})}
-            for m in self.cfg.models
-        }
         base = self.base
         yaml_text = mergekit_yaml(
             self.cfg.method,
-            params,
+            self.describe(x)["models"],
             mergekit_location(*reversed(self.found[base])) if base else None,
             {r: mergekit_location(s, n) for r, (n, s) in self.found.items()},
             {},
@@ -229,7 +223,7 @@ def _search(recipe: Recipe, name: str | None, cfg: EvolveConfig, force: bool) ->
 
     label = f"evolve:{name}" if name else "evolve"
     where = f"evolve.{name}" if name else "evolve"
-    base = cfg.base if cfg.space == "ps" and cfg.method in NEEDS_BASE else None
+    base = cfg.base if cfg.space == "ps" else None
     refs = ([base] if base else []) + list(cfg.models)
     found, ids = resolve_inputs(recipe, refs, f"{where}.models")
     fp = {"config": cfg.model_dump(mode="json"), "inputs": ids}

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fusellm.manifest import StageDir
-from fusellm.merge.config import HAS_DENSITY, NEEDS_BASE, MergeSpec
+from fusellm.merge.config import MergeSpec
 from fusellm.merge.core import check_compatible, merge, mergekit_yaml
 from fusellm.models import (
     converted_dir,
@@ -124,31 +124,23 @@ def run(recipe: Recipe, force: bool = False) -> dict[str, Any]:
 
 def merge_one(recipe: Recipe, name: str, spec: MergeSpec, force: bool) -> dict | None:
     where = f"merge.{name}"
-    base = spec.base if spec.method in NEEDS_BASE else None
-    refs = ([base] if base else []) + [m.model for m in spec.models]
+    base = spec.base
+    inputs = dict(spec.inputs())
+    refs = ([base] if base else []) + list(inputs)
     found, ids = resolve_inputs(recipe, refs, f"{where}.models")
     fp = {"spec": spec.model_dump(mode="json", by_alias=True), "inputs": ids}
     sd = StageDir(f"merge '{name}'", recipe.stage_dir(MERGE) / name, fp)
     if not sd.prepare(force):
         log.info("merge %s: complete and unchanged (skipped)", name)
         return None
-    weights = {m.model: m.weight for m in spec.models}
-    dens = {m.model: m.density for m in spec.models} if spec.method in HAS_DENSITY else None
     # The mergekit config first: it needs no model in memory, and at a scale where this
     # in-memory merge does not fit, `mergekit-yaml` can run it (streaming tensors).
-    params = {
-        m.model: {"weight": m.weight, **({"density": m.density} if dens else {})}
-        for m in spec.models
-    }
-    extra = {
-        k: v for k, v in (("normalize", spec.normalize), ("lambda", spec.lambda_)) if v is not None
-    }
     yaml_text = mergekit_yaml(
         spec.method,
-        params,
+        inputs,
         mergekit_location(*reversed(found[base])) if base else None,
         {r: mergekit_location(s, n) for r, (n, s) in found.items()},
-        extra,
+        spec.parameters,
         spec.dtype,
     )
     atomic_write_bytes(sd.path / "mergekit.yaml", yaml_text.encode())
@@ -157,11 +149,9 @@ def merge_one(recipe: Recipe, name: str, spec: MergeSpec, force: bool) -> dict |
         merged = merge(
             inp.states,
             spec.method,
-            weights,
-            dens,
+            inputs,
             base,
-            spec.normalize,
-            spec.lambda_,
+            spec.parameters,
             spec.layer_groups,
             inp.num_layers,
             spec.seed,
