@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+)
 
 from fusellm.stages import load_attr, sections
 
@@ -81,6 +89,9 @@ class RecipeBase(StrictModel):
     target: str
     sources: list[str] = Field(min_length=1)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    # stage -> directory, where a stage runs elsewhere than run_dir/STAGE (the fuse and
+    # train stages of one pairwise fusion: run_dir/pairwise/SOURCE/{fuse,train})
+    _dirs: dict[str, Path] = PrivateAttr(default_factory=dict)
 
     @property
     def all_models(self) -> list[str]:
@@ -88,7 +99,7 @@ class RecipeBase(StrictModel):
         return [self.target] + [s for s in self.sources if s != self.target]
 
     def stage_dir(self, stage: str) -> Path:
-        return Path(self.run_dir) / stage
+        return self._dirs.get(stage, Path(self.run_dir) / stage)
 
 
 Recipe = create_model(
@@ -114,6 +125,7 @@ def _unknown_names(recipe: Recipe) -> list[tuple[str, str]]:
         "corpus.fit_models": recipe.corpus.fit_models if recipe.corpus else None,
         "extract.models": recipe.extract.models if recipe.extract else None,
         "fuse.sources": recipe.fuse.sources if recipe.fuse else None,
+        "pairwise.sources": recipe.pairwise.sources if recipe.pairwise else None,
     }
     for key, names in lists.items():
         for i, m in enumerate(names or []):

@@ -2,7 +2,8 @@
 evolve): a name in ``models:``, or a pipeline output.
 
 ``target`` the base target · ``sources`` each source · ``fused`` ``run_dir/train/model`` ·
-``clm_only`` ``run_dir/clm_only/model`` · ``merge:NAME`` ``run_dir/merge/NAME/model`` ·
+``clm_only`` ``run_dir/clm_only/model`` · ``pairwise:SOURCE``
+``run_dir/pairwise/SOURCE/train/model`` (the target fused with that source alone) · ``merge:NAME`` ``run_dir/merge/NAME/model`` ·
 ``evolve`` ``run_dir/evolve/model`` · ``evolve:NAME`` ``run_dir/evolve/NAME/model`` (a named
 search). Pipeline outputs must be complete (their manifest
 says so) before anything reads them.
@@ -14,9 +15,9 @@ from pathlib import Path
 
 from fusellm.manifest import load_manifest
 from fusellm.recipe import ModelSpec, Recipe
-from fusellm.stages import CLM_ONLY, EVOLVE, MERGE, TRAIN
+from fusellm.stages import CLM_ONLY, EVOLVE, MERGE, PAIRWISE, TRAIN
 
-REFS = "target, sources, fused, clm_only, merge:NAME, evolve, evolve:NAME"
+REFS = "target, sources, fused, clm_only, pairwise:SOURCE, merge:NAME, evolve, evolve:NAME"
 
 
 def output_dir(recipe: Recipe, ref: str) -> tuple[Path, str] | None:
@@ -25,6 +26,9 @@ def output_dir(recipe: Recipe, ref: str) -> tuple[Path, str] | None:
         return recipe.stage_dir(TRAIN), TRAIN
     if ref == "clm_only":
         return recipe.stage_dir(CLM_ONLY), CLM_ONLY
+    if ref.startswith("pairwise:"):
+        src = ref[len("pairwise:") :]
+        return recipe.stage_dir(PAIRWISE) / src / TRAIN, PAIRWISE
     if ref.startswith("merge:"):
         return recipe.stage_dir(MERGE) / ref[len("merge:") :], f"merge '{ref[6:]}'"
     if ref == "evolve":

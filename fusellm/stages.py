@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 CORPUS, EXTRACT, ALIGN, FUSE, TRAIN = "corpus", "extract", "align", "fuse", "train"
-CLM_ONLY, MERGE, EVOLVE, BENCH = "clm_only", "merge", "evolve", "bench"
+CLM_ONLY, PAIRWISE, MERGE, EVOLVE, BENCH = "clm_only", "pairwise", "merge", "evolve", "bench"
 
 
 def load_attr(ref: str) -> Any:
@@ -93,6 +93,13 @@ STAGES: dict[str, Stage] = {
             "fusellm.train.config:TrainSection",
             section=TRAIN,
             on_demand=True,
+        ),
+        Stage(
+            PAIRWISE,
+            "fuse each source separately into its own copy of the target (FuseChat-2), "
+            "to merge them with merge:",
+            "fusellm.train.pairwise:run",
+            "fusellm.train.pairwise:PairwiseConfig",
         ),
         Stage(
             MERGE,

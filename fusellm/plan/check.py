@@ -9,7 +9,18 @@ import json
 from pathlib import Path
 
 from fusellm.manifest import complete_manifest
-from fusellm.stages import ALIGN, BENCH, CLM_ONLY, CORPUS, EVOLVE, EXTRACT, FUSE, MERGE, TRAIN
+from fusellm.stages import (
+    ALIGN,
+    BENCH,
+    CLM_ONLY,
+    CORPUS,
+    EVOLVE,
+    EXTRACT,
+    FUSE,
+    MERGE,
+    PAIRWISE,
+    TRAIN,
+)
 
 USAGE = "usage.jsonl"  # written by fusellm.cli after each stage that did work
 
@@ -42,11 +53,16 @@ def written(run_dir: Path) -> dict[str, int]:
         out[f"{ALIGN}/maps"] = _tree_bytes(maps)
     if man := complete_manifest(run_dir / FUSE):
         out[f"{FUSE}/shards"] = man["stats"]["bytes"]
-    for stage in (TRAIN, CLM_ONLY):
-        if man := complete_manifest(run_dir / stage):
-            out[f"{stage}/model"] = _files_bytes(man, "model/")
-            ckpts = run_dir / stage / "checkpoints"
-            out[f"{stage}/checkpoints"] = (
+    trained = [(f"{s}/", run_dir / s) for s in (TRAIN, CLM_ONLY)]
+    for pair in sorted((run_dir / PAIRWISE).glob("*")):  # pairwise/SOURCE/{fuse,train}
+        if man := complete_manifest(pair / FUSE):
+            out[f"{PAIRWISE}/{pair.name}/fuse"] = man["stats"]["bytes"]
+        trained.append((f"{PAIRWISE}/{pair.name}/train/", pair / TRAIN))
+    for key, d in trained:
+        if man := complete_manifest(d):
+            out[f"{key}model"] = _files_bytes(man, "model/")
+            ckpts = d / "checkpoints"
+            out[f"{key}checkpoints"] = (
                 sum(_tree_bytes(p) for p in ckpts.glob("checkpoint-*")) if ckpts.is_dir() else 0
             )
     for d in sorted((run_dir / MERGE).glob("*")):

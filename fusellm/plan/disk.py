@@ -14,7 +14,18 @@ from fusellm.plan.context import Context
 from fusellm.plan.core import DTYPE_BYTES, Row
 from fusellm.plan.counts import chars_of, utf8_bytes_of
 from fusellm.shards import id_width
-from fusellm.stages import ALIGN, BENCH, CLM_ONLY, CORPUS, EVOLVE, EXTRACT, FUSE, MERGE, TRAIN
+from fusellm.stages import (
+    ALIGN,
+    BENCH,
+    CLM_ONLY,
+    CORPUS,
+    EVOLVE,
+    EXTRACT,
+    FUSE,
+    MERGE,
+    PAIRWISE,
+    TRAIN,
+)
 
 
 def disk_rows(ctx: Context) -> tuple[list[Row], dict[str, float]]:
@@ -36,6 +47,10 @@ def disk_rows(ctx: Context) -> tuple[list[Row], dict[str, float]]:
             model, ckpt, extra = _trained(ctx, stage)
             rows += [model, ckpt]
             transient[stage] = extra
+    for src in _pairs(ctx):
+        model, ckpt, extra = _trained(ctx, PAIRWISE, f"{src}/train/")
+        rows += [model, ckpt]
+        transient[f"{PAIRWISE}/{src}"] = extra
     if ctx.wanted(MERGE):
         for name, spec in r.merge.items():
             rows.append(
@@ -131,12 +146,24 @@ def _shard_rows(ctx: Context) -> list[Row]:
             rows.append(_shards(ctx, ALIGN, src, fmt, t_tokens, docs))
             map_bytes = 4 * ctx.shapes[src].vocab_rows + 128
             rows.append(Row(ALIGN, f"maps/{src}", map_bytes, "int32 per source id (.npy)"))
-    if ctx.wanted(FUSE):
+    if r.fuse is not None:
         fz = r.fuse
         meta = (("level", fz.level), ("method", fz.method))
         fmt = core.ShardFormat("fuse", t_rows, fz.top_k or ext.top_k, ext.logprob_dtype, meta)
-        rows.append(_shards(ctx, FUSE, "shards", fmt, t_tokens, docs))
+        if ctx.wanted(FUSE):
+            rows.append(_shards(ctx, FUSE, "shards", fmt, t_tokens, docs))
+        for src in _pairs(ctx):  # each pair's fused shards: the same format and tokens
+            rows.append(_shards(ctx, PAIRWISE, f"{src}/fuse", fmt, t_tokens, docs))
     return rows
+
+
+def _pairs(ctx: Context) -> list[str]:
+    """The sources of pairwise fusion (``pairwise:``), each with its own fuse and train."""
+    if not ctx.wanted(PAIRWISE) or ctx.recipe.train is None:
+        return []
+    from fusellm.train.pairwise import pair_sources
+
+    return pair_sources(ctx.recipe)
 
 
 def _shards(ctx: Context, stage, name, fmt: core.ShardFormat, tokens, docs) -> Row:
@@ -167,9 +194,9 @@ def _model_dir(ctx: Context, stage: str, item: str, dtype_bytes: int, what: str)
     )
 
 
-def _trained(ctx: Context, stage: str) -> tuple[Row, Row, float]:
+def _trained(ctx: Context, stage: str, prefix: str = "") -> tuple[Row, Row, float]:
     """(the trained model, its checkpoints, bytes of checkpoints that exist only while
-    training)."""
+    training); ``prefix``: where under the stage directory (a pair's ``SOURCE/train/``)."""
     args = ctx.args
     zero, _, _ = ctx.zero
     t = ctx.recipe.target
@@ -178,10 +205,10 @@ def _trained(ctx: Context, stage: str) -> tuple[Row, Row, float]:
     saved = (
         DTYPE_BYTES[spec_dtype] if not zero and spec_dtype in ("bfloat16", "float16") else trained
     )
-    model = _model_dir(ctx, stage, "model", saved, "the trained model")
+    model = _model_dir(ctx, stage, f"{prefix}model", saved, "the trained model")
     steps, per_epoch, _, _ = ctx.steps
     if steps is None:
-        return model, Row(stage, "checkpoints", None, "steps unknown"), 0.0
+        return model, Row(stage, f"{prefix}checkpoints", None, "steps unknown"), 0.0
     n = core.saves(steps, str(args.save_strategy.value), args.save_steps, per_epoch)
     every = args.logging_steps
     logged = steps // int(every) if every >= 1 else round(1 / every)
@@ -194,7 +221,7 @@ def _trained(ctx: Context, stage: str) -> tuple[Row, Row, float]:
     what = f"ZeRO-{zero}" if zero else "no DeepSpeed"
     ckpt = Row(
         stage,
-        "checkpoints",
+        f"{prefix}checkpoints",
         final * one,
         f"{core.human_bytes(one)} each ({what}); {n} saved, {final} kept after the run, "
         f"{peak} at once while one is written",

@@ -10,7 +10,7 @@ from fusellm.plan import core
 from fusellm.plan.context import Context
 from fusellm.plan.core import Row
 from fusellm.plan.machine import cpu_tokens_per_second
-from fusellm.stages import CLM_ONLY, EXTRACT, TRAIN
+from fusellm.stages import CLM_ONLY, EXTRACT, PAIRWISE, TRAIN
 
 # (seconds or None: unknown, how) of extracting ``tokens`` with a model / training on them
 Extract = Callable[[str, float | None], tuple[float | None, str]]
@@ -32,6 +32,11 @@ def time_rows(ctx: Context) -> tuple[list[Row], dict[str, float]]:
         for stage in (TRAIN, CLM_ONLY):
             if ctx.wanted(stage):
                 rows.append(Row(stage, r.target, *train(ctx.train_tokens)))
+        if ctx.wanted(PAIRWISE):  # one training run per pair
+            from fusellm.train.pairwise import pair_sources
+
+            for src in pair_sources(r):
+                rows.append(Row(PAIRWISE, f"{src}/train", *train(ctx.train_tokens)))
     return rows, {"seconds": sum(x.value for x in rows if x.value is not None)}
 
 
