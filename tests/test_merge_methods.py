@@ -131,7 +131,13 @@ def test_method_runs_through_the_merge_stage_as_mergekit_would(method, tmp_path,
     moved = [k for k in ours if not any(torch.equal(ours[k], sd[k]) for sd in inputs)]
     if method != "passthrough":  # a merge makes new weights, not a copy of one input
         assert moved, f"{method}: every tensor equals one of the inputs'"
-    if method in RANDOM:
+    if method in RANDOM:  # seeded: the same merge again, another seed draws other masks
+        run(_recipe(tmp_path, family, method, _spec(method)), force=True)
+        again = load_file(out / "model" / "model.safetensors")
+        assert all(torch.equal(ours[k], again[k]) for k in ours)
+        run(_recipe(tmp_path, family, method, _spec(method, seed=1)), force=True)
+        other = load_file(out / "model" / "model.safetensors")
+        assert any(not torch.equal(ours[k], other[k]) for k in ours)
         return
     theirs = _mergekit_itself(out / "mergekit.yaml", tmp_path / "mergekit-out")
     for k, v in ours.items():
