@@ -284,6 +284,13 @@ def load_tokenizer(spec: ModelSpec, name: str) -> PreTrainedTokenizerBase:
     never relies on ``pad_token`` (padding is masked by attention masks)."""
     from transformers import AutoTokenizer
 
+    if spec.chat_template:
+        path = Path(spec.chat_template)
+        if not path.is_file():
+            raise ModelLoadError(f"model '{name}': chat_template: no such file: {path}")
+        tok = load_tokenizer(spec.model_copy(update={"chat_template": None}), name)
+        tok.chat_template = path.read_text(encoding="utf-8")
+        return tok
     if spec.tokenizer:
         sub = ModelSpec(
             path=spec.tokenizer, revision=spec.revision, trust_remote_code=spec.trust_remote_code

@@ -35,6 +35,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     create_model,
+    field_validator,
 )
 
 from fusellm.stages import load_attr, sections
@@ -65,6 +66,18 @@ class ModelSpec(StrictModel):
     revision: str | None = None
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    chat_template: str | None = Field(
+        None,
+        description="a Jinja chat template file, for a model whose tokenizer has none "
+        "(or to replace its own); used where a conversation is rendered for the model",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_file(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"no such file: {v}")
+        return v
 
 
 class TrackingConfig(StrictModel):

@@ -108,3 +108,25 @@ def test_a_model_without_a_chat_template_is_named(tiny_models, tiny_recipe, tmp_
     assert _bench(tiny_recipe, tiny_models["llama_bpe"]) != 0
     err = capsys.readouterr().err
     assert "bench chatty chat:gsm8k: the tokenizer has no chat template" in err
+
+
+def test_a_recipe_template_serves_a_model_without_one_and_keys_its_cache(
+    tiny_models, tiny_recipe, tmp_path
+):
+    tpl = tmp_path / "turns.jinja"
+    tpl.write_text(TEMPLATE)
+    model = f"{tiny_models['llama_bpe']}, chat_template: {tpl}"
+    assert _bench(tiny_recipe, model) == 0
+    (cache,) = (tmp_path / "run" / "bench" / "cache").glob("chatty-*/chat_gsm8k.json")
+    key = json.loads(cache.read_text())["key"]
+    tpl.write_text(TEMPLATE.replace("<|assistant|>", "<|bot|>"))  # another template: rescored
+    assert main(["bench", str(tiny_recipe)]) == 0
+    assert json.loads(cache.read_text())["key"] != key
+    tpl.unlink()
+    assert main(["bench", str(tiny_recipe)]) != 0  # named below by the CLI
+
+
+def test_a_missing_template_file_names_the_model(tiny_models, tiny_recipe, tmp_path, capsys):
+    model = f"{tiny_models['llama_bpe']}, chat_template: {tmp_path / 'none.jinja'}"
+    assert _bench(tiny_recipe, model) != 0
+    assert "models.chatty.chat_template" in capsys.readouterr().err

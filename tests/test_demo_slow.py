@@ -277,3 +277,30 @@ def test_quickstart_end_to_end(tmp_path):
     assert all(0.3 < v < 3.0 for v in bpb.values()), bpb  # real models on real text
     md = (tmp_path / "bench" / "results.md").read_text()
     assert all(f"| {m} |" in md for m in res["models"])
+
+
+def test_chat_gsm8k_on_the_demo_models():
+    """SmolLM2-Instruct asked in its own chat template answers with a number and ends its
+    turn; Gemma-3-270m (a base model; its GGUF has no template) is asked in the recipe
+    template shipped for it."""
+    from fusellm.bench.chat import load_chat_task, prompt_ids, score_chat_task
+    from fusellm.bench.score import LogProbModel
+    from fusellm.distributed import Rank
+
+    r = load_recipe(QUICKSTART)
+    task = load_chat_task("chat:gsm8k", 2, 0, None)
+    gemma = str(QUICKSTART.parent / "templates" / "gemma.jinja")
+    for name, update in [("smollm2", {}), ("gemma3", {"chat_template": gemma})]:
+        spec = r.models[name].model_copy(update=update)
+        tok, model = load_tokenizer(spec, name), load_model(spec, name)
+        rec = score_chat_task(
+            LogProbModel([model], [name]), tok, task, 96, 4096, Rank(0, 1, 0), name
+        )
+        assert all(o.strip() for o in rec["output"]), (name, rec["output"])
+        if name == "smollm2":
+            assert all(a is not None for a in rec["answer"]), rec["output"]
+            ended = [len(tok(o)["input_ids"]) < 90 for o in rec["output"]]
+            assert any(ended), rec["output"]  # stopped at <|im_end|>, not at the length cap
+        else:
+            text = tok.decode(prompt_ids(tok, "Q", name))
+            assert text.endswith("<start_of_turn>model\n")

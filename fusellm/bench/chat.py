@@ -5,9 +5,10 @@ generation, scored by exact match of the final number.
 (``gsm8k/gold_bpb_5shot``; the test split, so only for reporting, never for choices). Each
 question is one user turn (:data:`INSTRUCTION` appended), rendered with the model's
 ``apply_chat_template(..., add_generation_prompt=True)``; the reply is decoded greedily
-(``bench.chat.max_new_tokens``; it ends at EOS or at the model's end-of-turn id) and its
+(``bench.chat.max_new_tokens``; it ends at EOS or at any special token, such as the
+template's end of turn) and its
 final number (:func:`final_number`) is compared with the answer's. A model without a chat
-template is refused, naming it.
+template is refused, naming it; ``chat_template:`` in its ``models:`` entry gives one.
 """
 
 from __future__ import annotations
@@ -99,12 +100,15 @@ def prompt_ids(tok, question: str, where: str) -> list[int]:
 
 
 def end_ids(model, tok) -> tuple[int, ...]:
-    """Ids that end a reply: the tokenizer's EOS and the generation config's (a chat
-    model's end of turn, e.g. Gemma's ``<end_of_turn>``)."""
+    """Ids that end a reply: EOS (the tokenizer's and the generation config's) and every
+    special added token. Chat templates close a turn with one (``<|im_end|>``,
+    ``<end_of_turn>``, ``<|eot_id|>``), which a model's config does not always name as EOS
+    (a base model given a template in the recipe)."""
     ids = {tok.eos_token_id}
     cfg = getattr(model, "generation_config", None)
     eos = getattr(cfg, "eos_token_id", None)
     ids |= set(eos if isinstance(eos, list) else [eos])
+    ids |= {i for i, t in tok.added_tokens_decoder.items() if t.special}
     return tuple(sorted(i for i in ids if i is not None))
 
 

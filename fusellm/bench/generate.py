@@ -49,7 +49,7 @@ class Generator:
         self.batch_tokens, self.rank, self.desc = batch_tokens, rank, desc
         # ids that end a text: the tokenizer's EOS, or e.g. a chat model's end of turn too
         eos = eos_ids if eos_ids is not None else (tok.eos_token_id,)
-        self.eos = tuple(i for i in eos if i is not None)
+        self.eos = frozenset(i for i in eos if i is not None)
 
     def __call__(self, prompts: list[Prompt]) -> list[str]:
         if prompts:
@@ -95,7 +95,7 @@ class Generator:
                 max_new_tokens=max_new,
                 do_sample=False,
                 num_beams=1,
-                eos_token_id=list(self.eos) or None,
+                eos_token_id=sorted(self.eos) or None,
                 pad_token_id=self.pad,
                 stopping_criteria=StoppingCriteriaList([_Until(self.tok, T, until)])
                 if until

@@ -93,6 +93,16 @@ def score_task(
     return task_record(task, owner, lp, n, greedy)
 
 
+def _chat_key(cfg: BenchConfig, bm: BenchModel) -> dict:
+    """What a chat task's replies depend on beyond the model: the reply length and a chat
+    template the recipe gives (the model's own is part of its identity)."""
+    given = [s.chat_template for _, s in bm.members if s.chat_template]
+    return {
+        "max_new_tokens": cfg.chat.max_new_tokens,
+        "templates": [config_hash(Path(p).read_text(encoding="utf-8")) for p in given],
+    }
+
+
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)[:80]
 
@@ -165,7 +175,7 @@ def _run(recipe: Recipe, cfg: BenchConfig, device: str, rank: Rank, force: bool)
                 ],
                 # lm-eval computes a harness task's metrics
                 **({"lm_eval": t.version} if t.kind == "harness" else {}),
-                **({"max_new_tokens": cfg.chat.max_new_tokens} if t.kind == "chat" else {}),
+                **({"chat": _chat_key(cfg, bm)} if t.kind == "chat" else {}),
             }
         )
         for bm in models
