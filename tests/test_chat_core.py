@@ -1,0 +1,136 @@
+"""Chat core: conversations read and checked; each response found in every model's own
+rendering; positions keyed by (response, character); only response tokens are labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import _train_tokenizer
+
+from fusellm.chat import (
+    ConversationError,
+    Turn,
+    conversation,
+    render,
+    response_keys,
+    response_labels,
+)
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+GEMMA = (
+    "{{ bos_token }}{% for m in messages %}{% set r = 'model' if m['role'] == 'assistant' "
+    "else m['role'] %}<start_of_turn>{{ r }}\n{{ m['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}"
+)
+CONV = [
+    Turn("system", "You answer briefly."),
+    Turn("user", "Wie heißt 東京 auf Englisch?"),
+    Turn("assistant", "Tokyo 😀 — the capital."),
+    Turn("user", "And 2+3?"),
+    Turn("assistant", "2 + 3 = 5.\n\nThat's all."),
+]
+
+
+def _tok(kind: str, template: str):
+    tok = _train_tokenizer(kind, 300)
+    tok.chat_template = template
+    if tok.bos_token is None:
+        tok.bos_token = tok.eos_token or "<s>"
+    return tok
+
+
+def _ends(tok, text):
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+    off = np.asarray(enc["offset_mapping"], dtype=np.int64)
+    return off[:, 0], off[:, 1]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram", "wordpiece"])
+@pytest.mark.parametrize("template", [CHATML, GEMMA], ids=["chatml", "gemma"])
+def test_every_response_is_found_in_each_rendering(kind, template):
+    r = render(_tok(kind, template), CONV, "m")
+    responses = [t.content for t in CONV if t.role == "assistant"]
+    assert [r.text[s:e] for s, e in r.spans] == responses
+
+
+def test_keys_name_the_same_character_of_the_same_response_in_both_renderings():
+    a, b = _tok("bpe", CHATML), _tok("unigram", GEMMA)
+    responses = [t.content for t in CONV if t.role == "assistant"]
+    seen = []
+    for tok in (a, b):
+        r = render(tok, CONV, "m")
+        _, ends = _ends(tok, r.text)
+        keys = response_keys(ends, r.spans)
+        got = {}
+        for e, key in zip(ends, keys, strict=True):
+            inside = [k for k, (s, x) in enumerate(r.spans) if s <= e <= x]
+            if not inside:
+                assert key == -1  # a template or prompt context: never an alignment target
+                continue
+            (k,) = inside
+            c = e - r.spans[k][0]
+            assert r.text[r.spans[k][0] : e] == responses[k][:c]
+            got[int(key)] = (k, int(c))
+        assert len(set(got.values())) == len(got)  # one key, one (response, character)
+        seen.append(got)
+    common = set(seen[0]) & set(seen[1])
+    assert common and all(seen[0][k] == seen[1][k] for k in common)
+
+
+def test_only_response_tokens_and_the_end_of_turn_are_labels():
+    tok = _tok("bpe", CHATML)
+    r = render(tok, CONV, "m")
+    starts, _ = _ends(tok, r.text)
+    lab = response_labels(starts, r.spans)
+    for s, is_label in zip(starts, lab, strict=True):
+        in_response = any(a <= s <= b for a, b in r.spans)
+        assert is_label == in_response
+    prompt = r.text.index("And 2+3?")
+    assert not lab[(starts >= prompt) & (starts < prompt + 8)].any()
+
+
+@pytest.mark.parametrize(
+    "record, error",
+    [
+        ({"text": "x"}, "no 'messages' or 'conversations'"),
+        ({"messages": []}, "not a non-empty list"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "turn 0: unknown role 'robot'"),
+        ({"messages": [{"role": "user", "content": " "}]}, "turn 0: empty user turn"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+        (
+            {"messages": [{"role": "assistant", "content": "hi"}]},
+            "turn 0 is assistant, expected user",
+        ),
+        (
+            {"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]},
+            "turn 1 is user, expected assistant",
+        ),
+        ({"messages": [{"role": "user"}]}, "not an object with 'role' and 'content'"),
+    ],
+)
+def test_malformed_conversations_are_named(record, error):
+    with pytest.raises(ConversationError, match=error):
+        conversation(record, "chats.jsonl:7")
+
+
+def test_sharegpt_and_openai_forms_read_alike():
+    a = conversation(
+        {"conversations": [{"from": "human", "value": " hi "}, {"from": "gpt", "value": "yo\n"}]},
+        "f:1",
+    )
+    b = conversation(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        "f:2",
+    )
+    assert a == b == [Turn("user", "hi"), Turn("assistant", "yo")]
+
+
+def test_a_template_that_rewrites_responses_is_refused_naming_the_model():
+    drops = CHATML.replace("{{ m['content'] }}", "{{ m['content'].split('\n')[0] }}")
+    with pytest.raises(ConversationError, match="model 'm2'.*assistant turn 4"):
+        render(_tok("bpe", drops), CONV, "m2")
+    with pytest.raises(ConversationError, match="model 'm3': its tokenizer has no chat template"):
+        render(_train_tokenizer("bpe", 300), CONV, "m3")
