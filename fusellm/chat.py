@@ -122,6 +122,19 @@ def render(tok, turns: Sequence[Turn], model: str) -> Rendering:
     return Rendering(text, tuple(spans))
 
 
+def rendering_ids(tok, text: str, offsets: bool = False):
+    """A rendering's tokens: its template's special tokens are special (unlike document
+    text, see :func:`fusellm.models.encode`), and nothing is added around it (the template
+    writes its own BOS). ``offsets``: also the character span of every token."""
+    enc = tok(
+        text,
+        add_special_tokens=False,
+        split_special_tokens=False,
+        return_offsets_mapping=offsets,
+    )
+    return (enc["input_ids"], enc["offset_mapping"]) if offsets else enc["input_ids"]
+
+
 def response_keys(ends: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
     """Where each position's context ends, as (response, character) → one int64 key.
 

@@ -134,3 +134,68 @@ def test_a_template_that_rewrites_responses_is_refused_naming_the_model():
         render(_tok("bpe", drops), CONV, "m2")
     with pytest.raises(ConversationError, match="model 'm3': its tokenizer has no chat template"):
         render(_train_tokenizer("bpe", 300), CONV, "m3")
+
+
+def _chat_recipe(tmp_path, tiny_models, lines, extra=""):
+    import json
+
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    (tmp_path / "chatml.jinja").write_text(CHATML)
+    (tmp_path / "gemma.jinja").write_text(GEMMA)
+    body = f"""
+name: chat
+run_dir: {tmp_path / "run"}
+models:
+  llama: {{path: {tiny_models["llama_bpe"]}, chat_template: {tmp_path / "chatml.jinja"}}}
+  neox: {{path: {tiny_models["neox_unigram"]}, chat_template: {tmp_path / "gemma.jinja"}}}
+target: llama
+sources: [llama, neox]
+tracking: {{mode: disabled}}
+corpus:
+  inputs: [{{path: {data}, format: chat, id_field: id, domain: chat}}]
+  valid_fraction: 0.0
+  test_fraction: 0.0
+  block_size: 200
+{extra}"""
+    path = tmp_path / "chat.yaml"
+    path.write_text(body)
+    return path
+
+
+def _conv(i, answer="Tokyo 😀 — the capital."):
+    return {
+        "id": f"c{i}",
+        "messages": [
+            {"role": "user", "content": f"Question {i}: 東京?"},
+            {"role": "assistant", "content": answer},
+        ],
+    }
+
+
+def test_the_corpus_keeps_conversations_whole_and_counts_bad_ones(tmp_path, tiny_models):
+    import json
+
+    from fusellm.cli import main
+
+    lines = [_conv(0), {"id": "bad", "messages": [{"role": "user", "content": "x"}]}, _conv(1)]
+    lines.append(_conv(2, answer="word " * 400))  # longer than block_size in every template
+    recipe = _chat_recipe(tmp_path, tiny_models, lines, "  on_error: skip\n")
+    assert main(["corpus", str(recipe)]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run/corpus/train.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["c0#0", "c1#0"]
+    assert rows[0]["text"] == "Tokyo 😀 — the capital."
+    assert rows[0]["messages"][0] == {"role": "user", "content": "Question 0: 東京?"}
+    man = json.loads((tmp_path / "run/corpus/manifest.json").read_text())
+    assert man["stats"]["skipped"] == {"bad_conversation": 1, "too_long": 1}
+
+
+def test_a_bad_conversation_stops_the_corpus_naming_file_and_line(tmp_path, tiny_models, capsys):
+    from fusellm.cli import main
+
+    lines = [_conv(0), {"id": "x", "messages": [{"role": "robot", "content": "beep"}]}]
+    recipe = _chat_recipe(tmp_path, tiny_models, lines)
+    assert main(["corpus", str(recipe)]) != 0
+    assert (
+        "chats.jsonl:2: bad_conversation: turn 0: unknown role 'robot'" in capsys.readouterr().err
+    )

@@ -13,14 +13,16 @@ class CorpusInput(BaseModel):
     ``path`` may start with ``pkg:MODULE/`` for files inside an installed package.
     Formats: ``jsonl`` (optionally ``.gz``), ``parquet``, ``text`` (one document per file,
     or per blank-line paragraph with ``text_unit: paragraph``), ``disk`` (a
-    ``datasets`` dataset saved with ``save_to_disk``). ``auto`` decides by extension.
+    ``datasets`` dataset saved with ``save_to_disk``), ``chat`` (jsonl of conversations:
+    OpenAI ``messages`` or ShareGPT ``conversations``, see :mod:`fusellm.chat`). ``auto``
+    decides by extension (never ``chat``).
     """
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     path: str | None = None
     builtin: str | None = None
-    format: Literal["auto", "jsonl", "parquet", "text", "disk"] = "auto"
+    format: Literal["auto", "jsonl", "parquet", "text", "disk", "chat"] = "auto"
     text_field: str = "text"
     id_field: str | None = None
     domain: str | None = None

@@ -7,7 +7,8 @@ reason and the counts land in the stage manifest.
 
 Reasons: ``malformed_json``, ``not_an_object``, ``missing_field`` (text or id field absent
 or null), ``not_a_string``, ``non_utf8`` (a jsonl line or a text file: one count),
-``empty`` (fewer than ``min_chars`` non-space characters), ``bad_schema`` (a parquet file
+``empty`` (fewer than ``min_chars`` non-space characters), ``bad_conversation`` (a
+chat record that :func:`fusellm.chat.conversation` refuses, with its reason), ``bad_schema`` (a parquet file
 or saved dataset without the text/id column, or whose text column is not a string type:
 one count per file), ``bad_file`` (unreadable), ``duplicate_id``. Lines count from 1;
 parquet and dataset records by row from 1; ``:0`` is the file as a whole (its schema).
@@ -23,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fusellm.chat import ConversationError, Turn, conversation
 from fusellm.corpus.config import CorpusInput
 from fusellm.packages import resolve_pkg_path
 
@@ -34,9 +36,10 @@ class CorpusInputError(ValueError):
 @dataclass
 class RawDoc:
     id: str
-    text: str
+    text: str  # a conversation's: its assistant responses, one paragraph each
     domain: str
     origin: str  # "file:line" where it came from
+    turns: list[Turn] | None = None  # a conversation (format: chat)
 
 
 @dataclass
@@ -98,6 +101,7 @@ def read_input(inp: CorpusInput, problems: Problems, min_chars: int = 1) -> Iter
             "parquet": _read_parquet,
             "text": _read_text,
             "disk": _read_disk,
+            "chat": _read_chat,
         }[fmt]
         for doc in reader(path, inp, problems):
             if len(doc.text.strip()) < min_chars:
@@ -143,7 +147,9 @@ def _doc_from_record(
     return RawDoc(doc_id, text, _domain(inp, path), where)
 
 
-def _read_jsonl(path: Path, inp: CorpusInput, problems: Problems) -> Iterator[RawDoc]:
+def _read_jsonl(
+    path: Path, inp: CorpusInput, problems: Problems, chat: bool = False
+) -> Iterator[RawDoc]:
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -164,9 +170,24 @@ def _read_jsonl(path: Path, inp: CorpusInput, problems: Problems) -> Iterator[Ra
             except json.JSONDecodeError as e:
                 problems.report("malformed_json", where, f"{e.msg} at column {e.colno}")
                 continue
+            turns = None
+            if chat:
+                try:
+                    turns = conversation(rec if isinstance(rec, dict) else {}, where)
+                except ConversationError as e:
+                    problems.report("bad_conversation", where, str(e).removeprefix(f"{where}: "))
+                    continue
+                responses = [t.content for t in turns if t.role == "assistant"]
+                rec = {**rec, inp.text_field: "\n\n".join(responses)}
             doc = _doc_from_record(rec, inp, path, where, f"{path.name}:{lineno}", problems)
             if doc is not None:
+                doc.turns = turns
                 yield doc
+
+
+def _read_chat(path: Path, inp: CorpusInput, problems: Problems) -> Iterator[RawDoc]:
+    """Conversations, one JSON object per line; the document's text is its responses."""
+    yield from _read_jsonl(path, inp, problems, chat=True)
 
 
 def _read_text(path: Path, inp: CorpusInput, problems: Problems) -> Iterator[RawDoc]:

@@ -152,6 +152,28 @@ def _fitter(name: str, tok) -> Fitter:
     return Fitter(name, spans, special_token_overhead(tok))
 
 
+def _fits(doc, toks: dict, cfg, problems: Problems) -> bool:
+    """Whether a conversation, rendered in each fitted model's own chat template, fits
+    ``block_size`` tokens (reported as ``too_long`` otherwise)."""
+    from fusellm.chat import ConversationError, render, rendering_ids
+
+    for name, tok in toks.items():
+        try:
+            n = len(rendering_ids(tok, render(tok, doc.turns, name).text))
+        except ConversationError as e:
+            problems.report("bad_conversation", doc.origin, str(e))
+            return False
+        if n > cfg.block_size:
+            problems.report(
+                "too_long",
+                doc.origin,
+                f"the conversation is {n} tokens in '{name}''s chat template, more than "
+                f"corpus.block_size {cfg.block_size} (conversations are not cut)",
+            )
+            return False
+    return True
+
+
 def run(recipe: Recipe, force: bool = False) -> dict | None:
     """Run the corpus stage; returns the manifest, or None when it was already complete."""
     cfg = recipe.corpus
@@ -200,7 +222,13 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
                 for batch in _batches(_unique(docs, seen, problems), CUT_BATCH):
                     # Cutting needs every fitter's tokenization of the text: the stage's
                     # cost. Worker processes cut a batch of documents at a time, in order.
-                    for doc, spans in zip(batch, cutter.cut([d.text for d in batch]), strict=True):
+                    # A conversation is never cut: it must fit whole in every rendering.
+                    texts = [d.text for d in batch if d.turns is None]
+                    cuts = iter(cutter.cut(texts) if texts else [])
+                    for doc in batch:
+                        if doc.turns is not None and not _fits(doc, toks, cfg, problems):
+                            continue
+                        spans = next(cuts) if doc.turns is None else [(0, len(doc.text))]
                         domain = inp.domain or doc.domain
                         split = split_of(
                             doc.id, cfg.valid_fraction, cfg.test_fraction, cfg.split_salt
@@ -212,6 +240,10 @@ def run(recipe: Recipe, force: bool = False) -> dict | None:
                                 "domain": domain,
                                 "text": doc.text[a:b],
                             }
+                            if doc.turns is not None:
+                                rec["messages"] = [
+                                    {"role": t.role, "content": t.content} for t in doc.turns
+                                ]
                             out[split].write(json.dumps(rec, ensure_ascii=False) + "\n")
                         st = stats[split]
                         st["documents"] += 1
