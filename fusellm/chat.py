@@ -13,8 +13,8 @@ character span in a rendering by rendering again with that response replaced by 
 sentinel: the text before the sentinel and after it must be identical in both, and the
 span between must be the response exactly; a template that rewrites responses (drops a
 reasoning block, inserts text) is refused, naming the model and the turn. Positions of two
-renderings then correspond when their contexts end at the same character of the same
-response (:func:`response_keys`).
+renderings then correspond when their contexts end at the same byte of the same
+response (:func:`fusellm.align.core.response_coordinates`).
 """
 
 from __future__ import annotations
@@ -133,26 +133,6 @@ def rendering_ids(tok, text: str, offsets: bool = False):
         return_offsets_mapping=offsets,
     )
     return (enc["input_ids"], enc["offset_mapping"]) if offsets else enc["input_ids"]
-
-
-def response_keys(ends: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Where each position's context ends, as (response, character) → one int64 key.
-
-    ``ends``: int ``[T]``, the character where each token ends in the rendering (so the
-    context of position ``p``, which predicts token ``p + 1``, ends there). A position
-    whose context ends inside or at either edge of response ``k`` (``start_k ≤ e ≤ end_k``)
-    gets ``base_k + (e − start_k)``, where ``base_k`` leaves one unused key between
-    responses (so the end of one response and the start of the next never share a key);
-    every other position gets −1. Two renderings of the same conversation give the same
-    key to contexts that end at the same character of the same response.
-    """
-    keys = np.full(len(ends), -1, dtype=np.int64)
-    base = 0
-    for start, end in spans:
-        inside = (ends >= start) & (ends <= end)
-        keys[inside] = base + ends[inside] - start
-        base += end - start + 2
-    return keys
 
 
 def response_labels(starts: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:

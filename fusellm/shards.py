@@ -100,6 +100,9 @@ class DocDist:
     doc_ce: float | None = None  # sequence CE of the model the row came from (align)
     cum_nll: np.ndarray | None = None  # float32 [T]: source NLL up to the context end (align)
     byte_end: np.ndarray | None = None  # int32 [T]: byte where each context ends (align)
+    # bool [T]: the token carries loss as a label (a conversation's: its responses and
+    # ends of turn, see fusellm.chat.response_labels); None: every token does
+    labels: np.ndarray | None = None
 
     @property
     def seq_ce(self) -> float:
@@ -140,6 +143,15 @@ def encode_shard(
         )
     if docs and all(d.doc_ce is not None for d in docs):
         tensors["doc_ce"] = torch.tensor([d.doc_ce for d in docs], dtype=torch.float32)
+    if any(d.labels is not None for d in docs):  # a shard with a conversation in it
+        tensors["labels"] = torch.from_numpy(
+            np.concatenate(
+                [
+                    d.labels if d.labels is not None else np.ones(len(d.input_ids), bool)
+                    for d in docs
+                ]
+            ).astype(np.uint8)
+        )
     for name, dtype in (("cum_nll", np.float32), ("byte_end", np.int32)):
         if docs and all(getattr(d, name) is not None for d in docs):
             tensors[name] = torch.from_numpy(
@@ -182,6 +194,7 @@ def decode_shard(data: bytes) -> tuple[list[DocDist], dict[str, str]]:
     doc_ce = t["doc_ce"].tolist() if "doc_ce" in t else None
     cum = t["cum_nll"].numpy() if "cum_nll" in t else None
     byte_end = t["byte_end"].numpy() if "byte_end" in t else None
+    labels = t["labels"].numpy().astype(bool) if "labels" in t else None
     docs = [
         DocDist(
             doc_id,
@@ -194,6 +207,7 @@ def decode_shard(data: bytes) -> tuple[list[DocDist], dict[str, str]]:
             doc_ce[n] if doc_ce is not None else None,
             cum[a:b] if cum is not None else None,
             byte_end[a:b] if byte_end is not None else None,
+            labels[a:b] if labels is not None else None,
         )
         for n, (doc_id, a, b) in enumerate(
             zip(json.loads(meta["doc_ids"]), bounds[:-1], bounds[1:], strict=True)
@@ -284,7 +298,8 @@ class RowReader:
     def rows(self, a: int, b: int) -> dict[str, np.ndarray]:
         """Token rows ``[a, b)``: ``input_ids`` int64 ``[n]``, ``topk_ids`` int64 ``[n, k]``,
         ``topk_logprobs`` float32 ``[n, k]``, ``aligned`` bool ``[n]`` (all True for a
-        shard without the field: an extraction)."""
+        shard without the field: an extraction), ``labels`` bool ``[n]`` (all True for a
+        shard without conversations)."""
         f = self._f
         out = {
             "input_ids": unpack_ids(f.get_slice("input_ids")[a:b].numpy()).astype(np.int64),
@@ -294,6 +309,11 @@ class RowReader:
         out["aligned"] = (
             f.get_slice("aligned")[a:b].numpy().astype(bool)
             if "aligned" in self.fields
+            else np.ones(b - a, dtype=bool)
+        )
+        out["labels"] = (
+            f.get_slice("labels")[a:b].numpy().astype(bool)
+            if "labels" in self.fields
             else np.ones(b - a, dtype=bool)
         )
         return out

@@ -12,7 +12,7 @@ from fusellm.chat import (
     Turn,
     conversation,
     render,
-    response_keys,
+    rendering_ids,
     response_labels,
 )
 
@@ -56,25 +56,35 @@ def test_every_response_is_found_in_each_rendering(kind, template):
     assert [r.text[s:e] for s, e in r.spans] == responses
 
 
-def test_keys_name_the_same_character_of_the_same_response_in_both_renderings():
-    a, b = _tok("bpe", CHATML), _tok("unigram", GEMMA)
-    responses = [t.content for t in CONV if t.role == "assistant"]
+def test_keys_name_the_same_byte_of_the_same_response_in_both_renderings():
+    from align import byte_spans
+    from fusellm.align.core import response_coordinates, tokenizer_vocab
+
+    responses = [t.content.encode() for t in CONV if t.role == "assistant"]
     seen = []
-    for tok in (a, b):
+    for tok in (_tok("bpe", CHATML), _tok("unigram", GEMMA)):
         r = render(tok, CONV, "m")
-        _, ends = _ends(tok, r.text)
-        keys = response_keys(ends, r.spans)
+        ids, off = rendering_ids(tok, r.text, offsets=True)
+        vocab = tokenizer_vocab(tok, len(tok))
+        sp = byte_spans(r.text, [vocab.canon[i] for i in ids], np.asarray(off))
+        coords, keys = response_coordinates(r.text, r.spans, sp)
+        assert (np.diff(coords.end) >= 0).all()  # response bytes, never decreasing
+        # widths: response tokens only (template and prompt tokens add no bytes)
+        assert (coords.end - coords.start).sum() <= sum(map(len, responses))
         got = {}
-        for e, key in zip(ends, keys, strict=True):
-            inside = [k for k, (s, x) in enumerate(r.spans) if s <= e <= x]
-            if not inside:
-                assert key == -1  # a template or prompt context: never an alignment target
+        cb = np.cumsum([0, *map(len, responses)])
+        for p, key in enumerate(keys):
+            if key < 0:
                 continue
-            (k,) = inside
-            c = e - r.spans[k][0]
-            assert r.text[r.spans[k][0] : e] == responses[k][:c]
-            got[int(key)] = (k, int(c))
-        assert len(set(got.values())) == len(got)  # one key, one (response, character)
+            c, pre = divmod(int(key), 2)  # pre: the context just before response k
+            k = int(np.searchsorted(cb, c, side="left")) - (0 if pre else 1)
+            # the bytes of the rendering before this context end, inside response k, are
+            # that response's first bytes: the same for every rendering
+            text_bytes = r.text.encode()
+            start_k = len(r.text[: r.spans[k][0]].encode())
+            assert text_bytes[start_k : sp.end[p]] == responses[k][: c - cb[k]]
+            got[int(key)] = (k, c - int(cb[k]))
+        assert len(got) == len(set(got.values()))
         seen.append(got)
     common = set(seen[0]) & set(seen[1])
     assert common and all(seen[0][k] == seen[1][k] for k in common)

@@ -19,6 +19,7 @@ from align import (
     canonicalize,
     project,
 )
+from align.sequence import char_to_byte
 from align.vocab import ROLES, is_text
 from fusellm.fuse.core import cumulative_nll
 from fusellm.models import encode
@@ -145,6 +146,109 @@ def align_doc(
         src.seq_ce,
         cum,
         ts.end.astype(np.int32),
+    )
+    return out, a, float(lost[hit].sum())
+
+
+def response_coordinates(
+    text: str, spans: Sequence[tuple[int, int]], sp: Spans
+) -> tuple[Spans, np.ndarray]:
+    """A rendering's token spans in *response coordinates*, and each position's key.
+
+    ``text``: one model's rendering of a conversation; ``spans``: its responses' character
+    spans (:func:`fusellm.chat.render`); ``sp``: its tokens' byte spans over ``text``.
+    A coordinate counts response bytes only (the bytes of earlier responses, then the
+    offset into this one), so it is the same in every rendering of the conversation. A
+    response token (verified, non-empty, inside the response) keeps its width there; every
+    other token gets width 0 at the coordinate reached so far (it adds no bytes, and
+    :func:`cumulative_nll` scores no prediction of it).
+
+    Keys (int64 ``[T]``, -1: none): a position whose context ends at response byte ``c``
+    after a response token gets ``2·c``; the position just before a response (a template
+    token ending where the response starts) gets ``2·c + 1``, so the end of one response
+    and the start of the next never share a key. Nothing else is keyed: a template or
+    prompt context never receives a distribution.
+    """
+    cb = char_to_byte(text)
+    n = len(sp)
+    start, end = np.zeros(n, np.int64), np.full(n, -1, np.int64)
+    key = np.full(n, -1, np.int64)
+    done = 0  # response bytes before this response
+    for a, b in spans:
+        bs, be = int(cb[a]), int(cb[b])
+        body = sp.verified & (sp.start >= bs) & (sp.end <= be) & (sp.end > sp.start)
+        start[body] = done + sp.start[body] - bs
+        end[body] = done + sp.end[body] - bs
+        key[body] = 2 * end[body]
+        before = np.flatnonzero(sp.verified & (sp.end == bs) & (sp.start < bs))
+        if len(before):
+            p = before[-1]
+            start[p] = end[p] = done
+            key[p] = 2 * done + 1
+        done += be - bs
+    # every other token: zero width where the last response token before it ended
+    reached = np.maximum.accumulate(np.where(end >= 0, end, 0)) if n else end
+    unset = end < 0
+    start[unset] = end[unset] = reached[unset]
+    body_w = (end - start) > 0
+    return Spans(start, end, sp.verified & (body_w | (key >= 0))), key
+
+
+def align_chat_doc(
+    src: DocDist,
+    tgt: DocDist,
+    src_text: tuple[str, Sequence[tuple[int, int]]],
+    tgt_text: tuple[str, Sequence[tuple[int, int]]],
+    id_map: np.ndarray,
+    src_vocab: Vocab,
+    tgt_vocab: Vocab,
+    k_out: int | None = None,
+    gold_span_on: bool = True,
+) -> tuple[DocDist, Alignment, float]:
+    """:func:`align_doc` for a conversation, which each model extracted over its own
+    rendering: ``src_text``/``tgt_text`` = (rendering, response character spans). A
+    source distribution lands at the target position whose context ends at the same
+    byte of the same response (:func:`response_coordinates`); template and prompt
+    positions get none. ``byte_end`` and ``cum_nll`` are in response coordinates, so the
+    per-byte criterion compares the sources on response bytes only."""
+    (s_txt, s_spans), (t_txt, t_spans) = src_text, tgt_text
+    ss0 = byte_spans(s_txt, [src_vocab.canon[i] for i in src.input_ids], src.offsets)
+    ts0 = byte_spans(t_txt, [tgt_vocab.canon[i] for i in tgt.input_ids], tgt.offsets)
+    ss, s_key = response_coordinates(s_txt, s_spans, ss0)
+    ts, t_key = response_coordinates(t_txt, t_spans, ts0)
+    src_pos = np.full(len(t_key), -1, dtype=np.int64)
+    has = np.flatnonzero(s_key >= 0)
+    if len(has) and len(t_key):
+        order = has[np.argsort(s_key[has])]
+        sk = s_key[order]
+        at = np.clip(np.searchsorted(sk, t_key), 0, len(sk) - 1)
+        hit = (t_key >= 0) & (sk[at] == t_key)
+        src_pos[hit] = order[at[hit]]
+    a = Alignment(src_pos, np.zeros(len(t_key), np.int8), ts.end.copy())
+    nxt = np.append(tgt.input_ids[1:], -1).astype(np.int64)
+    src_cum = cumulative_nll(src.ce, ss.end - ss.start)
+    gold = gold_span(src, ss, ts, src_pos, src_cum) if gold_span_on else (None, None)
+    lps_in = src.topk_logprobs.float().numpy()
+    ids, lps, aligned, lost = project(src.topk_ids, lps_in, id_map, src_pos, nxt, k_out, *gold)
+    hit = src_pos >= 0
+    ce = np.full(len(tgt.input_ids), np.nan, dtype=np.float32)
+    ce[hit] = src.ce[src_pos[hit]]
+    cum = np.full(len(tgt.input_ids), np.nan, dtype=np.float32)
+    cum[hit] = src_cum[src_pos[hit]]
+    response = ss.end - ss.start > 0
+    doc_ce = float(np.nanmean(src.ce[:-1][response[1:]])) if response[1:].any() else np.nan
+    out = DocDist(
+        tgt.doc_id,
+        tgt.input_ids,
+        tgt.offsets,
+        ids,
+        torch.from_numpy(lps).to(src.topk_logprobs.dtype),
+        ce,
+        aligned,
+        doc_ce,
+        cum,
+        ts.end.astype(np.int32),
+        tgt.labels,
     )
     return out, a, float(lost[hit].sum())
 

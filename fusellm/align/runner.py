@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from align import vocab_map
 from align.vocab import is_text
-from fusellm.align.core import align_doc, first_tokens, tokenizer_vocab
+from fusellm.align.core import align_chat_doc, align_doc, first_tokens, tokenizer_vocab
+from fusellm.chat import render
 from fusellm.distributed import Rank, any_rank, on_rank0
 from fusellm.extract.runner import shard_documents
 from fusellm.manifest import load_manifest, outputs_hash
@@ -59,8 +60,8 @@ def _vocabs(recipe: Recipe, src: str, s_man: dict):
         tok = load_tokenizer(recipe.models[name], name)
         rows = _vocab_size(recipe.stage_dir(EXTRACT) / name / split / shard_name(0))
         out.append((tok, tokenizer_vocab(tok, rows)))
-    (_, src_vocab), (tgt_tok, tgt_vocab) = out
-    return src_vocab, tgt_tok, tgt_vocab
+    (src_tok, src_vocab), (tgt_tok, tgt_vocab) = out
+    return src_tok, src_vocab, tgt_tok, tgt_vocab
 
 
 def _run_source(recipe, cfg, src, t_man, rank, force) -> dict | None:
@@ -86,10 +87,10 @@ def _run_source(recipe, cfg, src, t_man, rank, force) -> dict | None:
     # One process builds the vocabulary map (minutes for MinED at 7B vocabularies); the
     # others take it from rank 0 instead of all building the same map at once.
     if any_rank(bool(todo)):
-        src_vocab, tgt_tok, tgt_vocab = _vocabs(recipe, src, s_man)
+        src_tok, src_vocab, tgt_tok, tgt_vocab = _vocabs(recipe, src, s_man)
         id_map = on_rank0(lambda: _vocab_map(recipe, cfg, src, src_vocab, tgt_tok, tgt_vocab))
         if todo:
-            vocabs = (src_vocab, tgt_vocab)
+            vocabs = (src_vocab, tgt_vocab, src_tok, tgt_tok)
             _compute(recipe, cfg, src, path, todo, vocabs, id_map, k_out, fingerprint, rank)
 
     def stats() -> dict:
@@ -159,7 +160,7 @@ def _vocab_map(recipe, cfg, src, src_vocab, tgt_tok, tgt_vocab) -> np.ndarray:
 def _compute(recipe, cfg, src, path, todo, vocabs, id_map, k_out, fingerprint, rank) -> None:
     target = recipe.target
     s_dir, t_dir = recipe.stage_dir(EXTRACT) / src, recipe.stage_dir(EXTRACT) / target
-    src_vocab, tgt_vocab = vocabs
+    src_vocab, tgt_vocab, src_tok, tgt_tok = vocabs
     t0 = time.time()
     corpus_dir = recipe.stage_dir(CORPUS)
     dps = recipe.extract.docs_per_shard
@@ -171,7 +172,7 @@ def _compute(recipe, cfg, src, path, todo, vocabs, id_map, k_out, fingerprint, r
     ):
         tot_tok = tot_al = 0
         for split, shards in todo.items():
-            for i, texts in shard_documents(corpus_dir, split, dps, shards):
+            for i, texts, turns in shard_documents(corpus_dir, split, dps, shards):
                 s_docs, _ = read_shard(s_dir / split / shard_name(i))
                 t_docs, _ = read_shard(t_dir / split / shard_name(i))
                 ids = [
@@ -185,19 +186,33 @@ def _compute(recipe, cfg, src, path, todo, vocabs, id_map, k_out, fingerprint, r
                         f"{target} and the corpus; rerun extract for both"
                     )
                 out, rel, lost = [], {}, 0.0
-                for sd, td, (_, doc_text) in zip(s_docs, t_docs, texts, strict=True):
-                    d, a, lost_d = align_doc(
-                        sd,
-                        td,
-                        doc_text,
-                        id_map,
-                        src_vocab,
-                        tgt_vocab,
-                        cfg.seq_method,
-                        cfg.strict,
-                        k_out,
-                        cfg.gold_span,
-                    )
+                for sd, td, (_, doc_text), conv in zip(s_docs, t_docs, texts, turns, strict=True):
+                    if conv is not None:  # each model extracted its own rendering
+                        s_r, t_r = render(src_tok, conv, src), render(tgt_tok, conv, target)
+                        d, a, lost_d = align_chat_doc(
+                            sd,
+                            td,
+                            (s_r.text, s_r.spans),
+                            (t_r.text, t_r.spans),
+                            id_map,
+                            src_vocab,
+                            tgt_vocab,
+                            k_out,
+                            cfg.gold_span,
+                        )
+                    else:
+                        d, a, lost_d = align_doc(
+                            sd,
+                            td,
+                            doc_text,
+                            id_map,
+                            src_vocab,
+                            tgt_vocab,
+                            cfg.seq_method,
+                            cfg.strict,
+                            k_out,
+                            cfg.gold_span,
+                        )
                     out.append(d)
                     lost += lost_d
                     for k, v in a.counts().items():

@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fusellm.batching import pad_batch, plan_batches
+from fusellm.chat import Turn, render, rendering_ids, response_labels
 from fusellm.corpus.runner import split_file
 from fusellm.distributed import Rank
 from fusellm.extract.config import CONTENT_FIELDS, ExtractConfig
@@ -85,42 +86,71 @@ def _device(cfg: ExtractConfig, rank: Rank) -> str:
 
 def shard_documents(
     corpus_dir: Path, split: str, docs_per_shard: int, shards
-) -> Iterator[tuple[int, list[tuple[str, str]]]]:
-    """``(shard, [(doc id, text), ...])`` for each of ``shards`` in one pass over the
-    split file: shard ``i`` holds documents ``[i·n, (i+1)·n)``; documents of other shards
-    are skipped without being kept."""
+) -> Iterator[tuple[int, list[tuple[str, str]], list[list[Turn] | None]]]:
+    """``(shard, [(doc id, text), ...], turns)`` for each of ``shards`` in one pass over
+    the split file: shard ``i`` holds documents ``[i·n, (i+1)·n)``; documents of other
+    shards are skipped without being kept. ``turns[j]``: document ``j``'s conversation
+    (a chat corpus row, see :mod:`fusellm.chat`), else None."""
     wanted = set(shards)
     docs: list[tuple[str, str]] = []
+    turns: list[list[Turn] | None] = []
     shard = 0
     with open(corpus_dir / split_file(split), encoding="utf-8") as f:
         for j, line in enumerate(f):
             if j // docs_per_shard != shard:
                 if docs:
-                    yield shard, docs
-                docs, shard = [], j // docs_per_shard
+                    yield shard, docs, turns
+                docs, turns, shard = [], [], j // docs_per_shard
             if shard in wanted:
                 rec = json.loads(line)
                 docs.append((rec["id"], rec["text"]))
+                msgs = rec.get("messages")
+                turns.append([Turn(m["role"], m["content"]) for m in msgs] if msgs else None)
     if docs:
-        yield shard, docs
+        yield shard, docs, turns
 
 
 @dataclass
 class Tokenized:
     """One shard's documents as the model's tokenizer encodes them (host work only)."""
 
-    docs: list[tuple[str, str]]  # (doc id, text)
+    docs: list[tuple[str, str]]  # (doc id, text; a conversation's: this model's rendering)
     seqs: list[list[int]]  # token ids per document
     offsets: list  # character spans per document
+    labels: list  # per document: bool [T] of a conversation (response_labels), else None
 
 
 def tokenize_shard(
-    tok, docs: list[tuple[str, str]], cfg: ExtractConfig, max_pos, name: str, vocab_size: int
+    tok,
+    docs: list[tuple[str, str]],
+    cfg: ExtractConfig,
+    max_pos,
+    name: str,
+    vocab_size: int,
+    turns: list[list[Turn] | None] | None = None,
 ) -> Tokenized:
     """Tokenize one shard's documents and check every one against the model (length, token
-    ids) before any forward pass, so bad input stops with a message, not an index error."""
-    enc = encode(tok, [t for _, t in docs], cfg.add_special_tokens, offsets=True)
-    seqs = enc["input_ids"]
+    ids) before any forward pass, so bad input stops with a message, not an index error.
+    A conversation (``turns[j]``) is the model's own rendering of it
+    (:func:`fusellm.chat.render`), tokenized as a rendering (its template's special tokens
+    are special); ``Tokenized.docs`` then holds the rendering."""
+    turns = turns or [None] * len(docs)
+    plain = [j for j, t in enumerate(turns) if t is None]
+    seqs: list = [None] * len(docs)
+    offsets: list = [None] * len(docs)
+    if plain:
+        enc = encode(tok, [docs[j][1] for j in plain], cfg.add_special_tokens, offsets=True)
+        for j, s, o in zip(plain, enc["input_ids"], enc["offset_mapping"], strict=True):
+            seqs[j], offsets[j] = s, o
+    docs = list(docs)
+    labels: list = [None] * len(docs)
+    for j, t in enumerate(turns):
+        if t is not None:
+            r = render(tok, t, name)
+            docs[j] = (docs[j][0], r.text)
+            seqs[j], offsets[j] = rendering_ids(tok, r.text, offsets=True)
+            starts = np.asarray([a for a, _ in offsets[j]], dtype=np.int64)
+            labels[j] = response_labels(starts, r.spans)
     for (doc_id, _), s in zip(docs, seqs, strict=True):
         check_positions(
             name,
@@ -138,7 +168,7 @@ def tokenize_shard(
                 f"{vocab_size} embedding rows: the tokenizer does not belong to this "
                 f"model (check models.{name}.tokenizer)"
             )
-    return Tokenized(docs, seqs, enc["offset_mapping"])
+    return Tokenized(docs, seqs, offsets, labels)
 
 
 def score_shard(scorer: TopKScorer, t: Tokenized, cfg: ExtractConfig) -> list[DocDist]:
@@ -164,6 +194,7 @@ def score_shard(scorer: TopKScorer, t: Tokenized, cfg: ExtractConfig) -> list[Do
                 sc.topk_ids.numpy(),
                 sc.topk_logprobs.to(dtype),
                 sc.ce.numpy(),
+                labels=t.labels[i],
             )
     for i, d in enumerate(out):
         if d is None:  # a document with no tokens for this tokenizer
@@ -287,9 +318,11 @@ def _compute(recipe, cfg, name, spec, tok, corpus_dir, todo, path, rank, fingerp
         # tokenizer, hashing and file writes release the GIL). At most one shard waits
         # at either end; errors surface in order, from .result().
         shards = (
-            (split, shard, docs)
+            (split, shard, docs, turns)
             for split, todo_split in todo.items()
-            for shard, docs in shard_documents(corpus_dir, split, cfg.docs_per_shard, todo_split)
+            for shard, docs, turns in shard_documents(
+                corpus_dir, split, cfg.docs_per_shard, todo_split
+            )
         )
         v = scorer.vocab_size
         with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
@@ -325,5 +358,5 @@ def _next_tokenized(shards, tok, cfg, max_pos, name, vocab_size):
     item = next(shards, None)
     if item is None:
         return None
-    split, shard, docs = item
-    return split, shard, tokenize_shard(tok, docs, cfg, max_pos, name, vocab_size)
+    split, shard, docs, turns = item
+    return split, shard, tokenize_shard(tok, docs, cfg, max_pos, name, vocab_size, turns)

@@ -146,6 +146,7 @@ def _compute(recipe, cfg, sources, inputs, t_dir, path, todo, params, fingerprin
                             _torch_like(lps, td),
                             td.ce,
                             aligned,
+                            labels=td.labels,  # a conversation's: only responses are labels
                         )
                     )
                 n = sum(len(d.input_ids) for d in out)

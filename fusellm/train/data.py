@@ -72,7 +72,8 @@ class FusedBlocks(torch.utils.data.Dataset):
     """Blocks of whole documents (``block_size`` tokens at most) with their fused targets.
 
     Each item: ``input_ids`` int64 ``[L]``, ``shift_labels`` int64 ``[L]`` (next token
-    within the document, -100 at a document's last token and on padding),
+    within the document, -100 at a document's last token, on padding and where the next
+    token carries no loss: a conversation's prompt and template tokens),
     ``fused_ids`` int64 ``[L, k]``, ``fused_logprobs`` float32 ``[L, k]``,
     ``fused_mask`` bool ``[L]``, ``length`` (real tokens; padding follows them), and with
     ``packing: documents`` ``position_ids`` int64 ``[L]`` (restarting at every document;
@@ -177,7 +178,10 @@ class FusedBlocks(torch.utils.data.Dataset):
             "ids": rows["topk_ids"][: hi - lo],
             "logprobs": rows["topk_logprobs"][: hi - lo],
             "mask": rows["aligned"][: hi - lo],
-            "shift_labels": np.append(rows["input_ids"][1:], IGNORE)[: hi - lo],
+            # a label that carries no loss (a conversation's prompt and template) is ignored
+            "shift_labels": np.append(
+                np.where(rows["labels"][1:], rows["input_ids"][1:], IGNORE), IGNORE
+            )[: hi - lo],
             "position_ids": np.arange(lo, hi, dtype=np.int64),
         }
         return out
