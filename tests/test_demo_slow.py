@@ -306,3 +306,24 @@ def test_chat_gsm8k_on_the_demo_models():
         else:
             text = tok.decode(prompt_ids(tok, "Q", name))
             assert text.endswith("<start_of_turn>model\n")
+
+
+def test_quickstart_chat_corpus_renders_every_conversation_in_both_templates(tmp_path):
+    """The chat quickstart's conversations (builtin sciq_chat) in SmolLM2's own ChatML
+    template and in the Gemma template the recipe gives Gemma-3: every response is found
+    in both renderings, and the kept ones fit the block."""
+    from fusellm.chat import Turn, render, rendering_ids
+    from fusellm.cli import main
+
+    recipe = QUICKSTART.parent / "quickstart-chat.yaml"
+    assert main(["corpus", str(recipe), f"run_dir={tmp_path}", "tracking.mode=offline"]) == 0
+    r = load_recipe(recipe)
+    rows = [json.loads(x) for x in (tmp_path / "corpus" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) > 150
+    for name in r.all_models:
+        tok = load_tokenizer(r.models[name], name)
+        for row in rows[:20]:
+            turns = [Turn(m["role"], m["content"]) for m in row["messages"]]
+            rendering = render(tok, turns, name)
+            assert rendering.text[slice(*rendering.spans[0])] == row["text"]
+            assert len(rendering_ids(tok, rendering.text)) <= r.corpus.block_size
