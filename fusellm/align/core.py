@@ -125,16 +125,33 @@ def align_doc(
     else:
         strings = [_latin1(src_vocab, src.input_ids), _latin1(tgt_vocab, tgt.input_ids)]
         a = align_dp(*strings, ss, ts)
+    out, lost = _projected(src, tgt, ss, ts, a.src_pos, id_map, k_out, gold_span_on, src.seq_ce)
+    return out, a, lost
+
+
+def _projected(
+    src: DocDist,
+    tgt: DocDist,
+    ss: Spans,
+    ts: Spans,
+    src_pos: np.ndarray,
+    id_map: np.ndarray,
+    k_out: int | None,
+    gold_span_on: bool,
+    doc_ce: float,
+) -> tuple[DocDist, float]:
+    """The source's rows at the target positions ``src_pos`` names (see :func:`align_doc`),
+    and the probability mass lost to unmapped ids."""
     nxt = np.append(tgt.input_ids[1:], -1).astype(np.int64)
     lps_in = src.topk_logprobs.float().numpy()
     src_cum = cumulative_nll(src.ce, ss.end - ss.start)
-    gold = gold_span(src, ss, ts, a.src_pos, src_cum) if gold_span_on else (None, None)
-    ids, lps, aligned, lost = project(src.topk_ids, lps_in, id_map, a.src_pos, nxt, k_out, *gold)
-    hit = a.src_pos >= 0
+    gold = gold_span(src, ss, ts, src_pos, src_cum) if gold_span_on else (None, None)
+    ids, lps, aligned, lost = project(src.topk_ids, lps_in, id_map, src_pos, nxt, k_out, *gold)
+    hit = src_pos >= 0
     ce = np.full(len(tgt.input_ids), np.nan, dtype=np.float32)
-    ce[hit] = src.ce[a.src_pos[hit]]
+    ce[hit] = src.ce[src_pos[hit]]
     cum = np.full(len(tgt.input_ids), np.nan, dtype=np.float32)
-    cum[hit] = src_cum[a.src_pos[hit]]
+    cum[hit] = src_cum[src_pos[hit]]
     out = DocDist(
         tgt.doc_id,
         tgt.input_ids,
@@ -143,11 +160,12 @@ def align_doc(
         torch.from_numpy(lps).to(src.topk_logprobs.dtype),
         ce,
         aligned,
-        src.seq_ce,
+        doc_ce,
         cum,
         ts.end.astype(np.int32),
+        tgt.labels,
     )
-    return out, a, float(lost[hit].sum())
+    return out, float(lost[hit].sum())
 
 
 def response_coordinates(
@@ -225,32 +243,11 @@ def align_chat_doc(
         hit = (t_key >= 0) & (sk[at] == t_key)
         src_pos[hit] = order[at[hit]]
     a = Alignment(src_pos, np.zeros(len(t_key), np.int8), ts.end.copy())
-    nxt = np.append(tgt.input_ids[1:], -1).astype(np.int64)
-    src_cum = cumulative_nll(src.ce, ss.end - ss.start)
-    gold = gold_span(src, ss, ts, src_pos, src_cum) if gold_span_on else (None, None)
-    lps_in = src.topk_logprobs.float().numpy()
-    ids, lps, aligned, lost = project(src.topk_ids, lps_in, id_map, src_pos, nxt, k_out, *gold)
-    hit = src_pos >= 0
-    ce = np.full(len(tgt.input_ids), np.nan, dtype=np.float32)
-    ce[hit] = src.ce[src_pos[hit]]
-    cum = np.full(len(tgt.input_ids), np.nan, dtype=np.float32)
-    cum[hit] = src_cum[src_pos[hit]]
-    response = ss.end - ss.start > 0
-    doc_ce = float(np.nanmean(src.ce[:-1][response[1:]])) if response[1:].any() else np.nan
-    out = DocDist(
-        tgt.doc_id,
-        tgt.input_ids,
-        tgt.offsets,
-        ids,
-        torch.from_numpy(lps).to(src.topk_logprobs.dtype),
-        ce,
-        aligned,
-        doc_ce,
-        cum,
-        ts.end.astype(np.int32),
-        tgt.labels,
-    )
-    return out, a, float(lost[hit].sum())
+    # the source's sequence CE over its predictions of response tokens
+    response = (ss.end - ss.start > 0)[1:]
+    doc_ce = float(np.nanmean(src.ce[:-1][response])) if response.any() else float("nan")
+    out, lost = _projected(src, tgt, ss, ts, src_pos, id_map, k_out, gold_span_on, doc_ce)
+    return out, a, lost
 
 
 def gold_span(
