@@ -19,6 +19,7 @@ from align.sequence import (
     align_spans,
     byte_spans,
     context_keys,
+    match_keys,
 )
 from align.vocab import (
     Vocab,
@@ -39,6 +40,7 @@ __all__ = [
     "byte_spans",
     "canonicalize",
     "context_keys",
+    "match_keys",
     "detect_kind",
     "exact_map",
     "merge_topk",

@@ -162,6 +162,20 @@ def context_keys(spans: Spans) -> np.ndarray:
     return key
 
 
+def match_keys(s_key: np.ndarray, t_key: np.ndarray) -> np.ndarray:
+    """int64 ``[T]``: for each target key the source position with the same key, -1 where
+    none (or the target position has no key, -1). The keys ``>= 0`` of each side must be
+    strictly increasing along it (one position per key), as :func:`context_keys` gives."""
+    src_pos = np.full(len(t_key), -1, dtype=np.int64)
+    s_valid = np.flatnonzero(s_key >= 0)
+    if len(s_valid) and len(t_key):
+        sk = s_key[s_valid]
+        pos = np.clip(np.searchsorted(sk, t_key), 0, len(sk) - 1)
+        hit = (t_key >= 0) & (sk[pos] == t_key)
+        src_pos[hit] = s_valid[pos[hit]]
+    return src_pos
+
+
 def align_spans(src: Spans, tgt: Spans, strict: bool = False) -> Alignment:
     """Byte-exact alignment in O((S + T) log S): target position ``j`` gets the source
     position whose context ends at the same byte (:func:`context_keys` of both).
@@ -170,13 +184,7 @@ def align_spans(src: Spans, tgt: Spans, strict: bool = False) -> Alignment:
     predicts exactly the target's next token's text.
     """
     s_key, t_key = context_keys(src), context_keys(tgt)
-    src_pos = np.full(len(t_key), -1, dtype=np.int64)
-    s_valid = np.flatnonzero(s_key >= 0)
-    if len(s_valid) and len(t_key):
-        sk = s_key[s_valid]  # strictly increasing: one key per context end
-        pos = np.clip(np.searchsorted(sk, t_key), 0, len(sk) - 1)
-        hit = (t_key >= 0) & (sk[pos] == t_key)
-        src_pos[hit] = s_valid[pos[hit]]
+    src_pos = match_keys(s_key, t_key)
     if strict and len(src_pos):
         src_pos = np.where(_next_span_equal(src, tgt, src_pos), src_pos, -1)
     return Alignment(src_pos, _relations(s_key, t_key), tgt.end.copy())

@@ -68,6 +68,7 @@ def test_keys_name_the_same_byte_of_the_same_response_in_both_renderings():
         vocab = tokenizer_vocab(tok, len(tok))
         sp = byte_spans(r.text, [vocab.canon[i] for i in ids], np.asarray(off))
         coords, keys = response_coordinates(r.text, r.spans, sp)
+        assert (np.diff(keys[keys >= 0]) > 0).all()  # increasing, as match_keys needs
         assert (np.diff(coords.end) >= 0).all()  # response bytes, never decreasing
         # widths: response tokens only (template and prompt tokens add no bytes)
         assert (coords.end - coords.start).sum() <= sum(map(len, responses))

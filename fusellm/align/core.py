@@ -17,6 +17,7 @@ from align import (
     align_spans,
     byte_spans,
     canonicalize,
+    match_keys,
     project,
 )
 from align.sequence import char_to_byte
@@ -184,8 +185,9 @@ def response_coordinates(
     Keys (int64 ``[T]``, -1: none): a position whose context ends at response byte ``c``
     after a response token gets ``2·c``; the position just before a response (a template
     token ending where the response starts) gets ``2·c + 1``, so the end of one response
-    and the start of the next never share a key. Nothing else is keyed: a template or
-    prompt context never receives a distribution.
+    and the start of the next never share a key, and keys increase along the rendering
+    (as :func:`align.match_keys` needs). Nothing else is keyed: a template or prompt
+    context never receives a distribution.
     """
     cb = char_to_byte(text)
     n = len(sp)
@@ -234,14 +236,7 @@ def align_chat_doc(
     ts0 = byte_spans(t_txt, [tgt_vocab.canon[i] for i in tgt.input_ids], tgt.offsets)
     ss, s_key = response_coordinates(s_txt, s_spans, ss0)
     ts, t_key = response_coordinates(t_txt, t_spans, ts0)
-    src_pos = np.full(len(t_key), -1, dtype=np.int64)
-    has = np.flatnonzero(s_key >= 0)
-    if len(has) and len(t_key):
-        order = has[np.argsort(s_key[has])]
-        sk = s_key[order]
-        at = np.clip(np.searchsorted(sk, t_key), 0, len(sk) - 1)
-        hit = (t_key >= 0) & (sk[at] == t_key)
-        src_pos[hit] = order[at[hit]]
+    src_pos = match_keys(s_key, t_key)
     a = Alignment(src_pos, np.zeros(len(t_key), np.int8), ts.end.copy())
     # the source's sequence CE over its predictions of response tokens
     response = (ss.end - ss.start > 0)[1:]
