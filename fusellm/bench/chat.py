@@ -19,9 +19,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from fusellm.bench.tasks import Item, Task, _task_dir, question_and_answer
+from fusellm.bench.tasks import Item, Task, _task_dir, subsample
 
 if TYPE_CHECKING:
     from fusellm.bench.decontam import DecontamIndex
@@ -75,16 +73,8 @@ def load_chat_task(name: str, limit: int | None, seed: int, index: DecontamIndex
             if "question" not in doc or "short_answer" not in doc:
                 raise ValueError(f"{path}:{lineno}: no question/short_answer in the document")
             items.append(Item(f"{name}:{doc['id']}", [(doc["question"], doc["short_answer"])]))
-    available = len(items)
-    kept, dropped = [], 0
-    for i in np.random.default_rng(seed).permutation(available):
-        if limit is not None and len(kept) >= limit:
-            break
-        if index is not None and index.contains(question_and_answer(items[i])):
-            dropped += 1
-            continue
-        kept.append(items[i])
-    return Task(name, "chat", kept, 0, str(path), available, dropped, "em")
+    kept, dropped = subsample(items, limit, seed, index)
+    return Task(name, "chat", kept, 0, str(path), len(items), dropped, "em")
 
 
 def prompt_ids(tok, question: str, where: str) -> list[int]:
@@ -95,7 +85,7 @@ def prompt_ids(tok, question: str, where: str) -> list[int]:
         )
     messages = [{"role": "user", "content": question + INSTRUCTION}]
     out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+    ids = out["input_ids"] if hasattr(out, "keys") else out  # a BatchEncoding or the ids
     return [int(i) for i in ids]
 
 

@@ -116,16 +116,7 @@ def load_task(name: str, limit: int | None, seed: int, index: DecontamIndex | No
         gold = 0 if kind == "em" else int(v["label"])
         items.append(Item(f"{name}:{doc_id}", reqs, gold))
     available = len(items)
-    order = np.random.default_rng(seed).permutation(available)
-    kept, dropped = [], 0
-    for i in order:
-        it = items[i]
-        if limit is not None and len(kept) >= limit:
-            break
-        if index is not None and index.contains(question_and_answer(it)):
-            dropped += 1
-            continue
-        kept.append(it)
+    kept, dropped = subsample(items, limit, seed, index)
     if not kept:
         raise ValueError(f"task '{name}': no items left (limit {limit}, {dropped} contaminated)")
     primary = "em" if kind == "em" else cfg.get("primary_metric", "acc_per_char")
@@ -133,6 +124,22 @@ def load_task(name: str, limit: int | None, seed: int, index: DecontamIndex | No
         primary = "acc_per_char"
     shots = int(cfg.get("num_shots", 0))
     return Task(name, kind, kept, shots, str(path), available, dropped, primary)
+
+
+def subsample(
+    items: list[Item], limit: int | None, seed: int, index: DecontamIndex | None
+) -> tuple[list[Item], int]:
+    """A ``seed``-ed random order of ``items``, the first ``limit`` of them that ``index``
+    (the training corpus's n-grams) does not contain; and how many it did contain."""
+    kept, dropped = [], 0
+    for i in np.random.default_rng(seed).permutation(len(items)):
+        if limit is not None and len(kept) >= limit:
+            break
+        if index is not None and index.contains(question_and_answer(items[i])):
+            dropped += 1
+            continue
+        kept.append(items[i])
+    return kept, dropped
 
 
 def question_and_answer(item: Item) -> str:
