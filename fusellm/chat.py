@@ -26,8 +26,13 @@ from typing import Any
 import numpy as np
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant"}
-SHAREGPT_ROLES["assistant"] = "assistant"
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
 SENTINEL = "FuSeLlMsEnTiNeL"  # no spaces: nothing a template trims or a tokenizer merges across
 
 

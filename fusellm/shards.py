@@ -306,16 +306,12 @@ class RowReader:
             "topk_ids": unpack_ids(f.get_slice("topk_ids")[a:b].numpy()).astype(np.int64),
             "topk_logprobs": f.get_slice("topk_logprobs")[a:b].float().numpy(),
         }
-        out["aligned"] = (
-            f.get_slice("aligned")[a:b].numpy().astype(bool)
-            if "aligned" in self.fields
-            else np.ones(b - a, dtype=bool)
-        )
-        out["labels"] = (
-            f.get_slice("labels")[a:b].numpy().astype(bool)
-            if "labels" in self.fields
-            else np.ones(b - a, dtype=bool)
-        )
+        for flag in ("aligned", "labels"):  # optional per-token flags, True when absent
+            out[flag] = (
+                f.get_slice(flag)[a:b].numpy().astype(bool)
+                if flag in self.fields
+                else np.ones(b - a, dtype=bool)
+            )
         return out
 
 
